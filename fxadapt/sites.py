@@ -1,0 +1,426 @@
+"""Adapter sites, found by dataflow.
+
+A *site* is a weight that a linear-like node reads (``aten.linear``, GPT-2's ``addmm``, ``x @ W``),
+with the role its output plays in a transformer layer:
+
+- ``q``, ``k``, ``v``: the projection's output reaches an attention's query, key or value through
+  reshapes, slices, RoPE and norms, but no other projection. A fused projection (GPT-2's ``c_attn``,
+  Phi-3's ``qkv_proj``, DeBERTa's ``in_proj``) gives one site per role, each owning the output
+  columns that reach its operand; the columns are found by pushing column indices through the
+  reshapes and splits that follow the projection.
+- ``o``: a projection whose input comes from an attention's output.
+- ``ffn_in``, ``ffn_out``: ``ffn_out`` reads, through an activation, the outputs of the ``ffn_in``
+  projections (up, and gate for gated FFNs).
+- ``cross_q`` ... ``cross_o``: the same for an attention whose keys read another input than its
+  queries (encoder-decoder cross-attention).
+
+Attention is ``scaled_dot_product_attention`` or a ``softmax`` between two activation matmuls
+(DeBERTa). Layers are numbered by the self-attention blocks in topological order. Module names are
+never consulted, so renaming every module of a model gives the same sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .ops import ACTIVATIONS, CASTS, MATMUL, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
+
+__all__ = ["Site", "Linear", "find_sites", "ROLES"]
+
+ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+_ROLE_ORDER = {r: i for i, r in enumerate(("q", "k", "v", "o", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_in", "ffn_out"))}
+
+# op name -> (index of the input, index of the weight, index of the bias, weight stored (in, out))
+_LINEAR_OPS = {
+    "linear": (0, 1, 2, False),
+    "addmm": (1, 2, 0, True),
+    "matmul": (0, 1, None, True),
+    "mm": (0, 1, None, True),
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A weight read by linear-like nodes: ``y = x W^T + b`` (or ``x W + b`` when ``transposed``)."""
+
+    path: str
+    weight: str
+    bias: str | None
+    transposed: bool
+    in_features: int
+    out_features: int
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an adapter can sit.
+
+    ``layer`` and ``role`` say what the projection is (``role`` is None for a linear picked only by
+    a ``targets`` pattern); ``path`` is the module path of its weight; ``in_features`` and
+    ``out_features`` the shape the adapter sees (for a fused projection, the role's columns);
+    ``columns`` the output columns the role owns in a fused projection (None: all of them).
+    """
+
+    layer: int | None
+    role: str | None
+    path: str
+    in_features: int
+    out_features: int
+    linear: Linear = field(repr=False)
+    columns: Sequence[int] | None = field(default=None, repr=False)
+
+    @property
+    def weight(self) -> str:
+        """Attribute path of the weight this site reads."""
+        return self.linear.weight
+
+    @property
+    def name(self) -> str:
+        """The module path, with the role for one part of a fused projection."""
+        return self.path if self.columns is None else f"{self.path}[{self.role}]"
+
+
+@dataclass
+class _Attention:
+    out: Node
+    q: Node
+    k: Node
+    v: Node
+    scores: list[tuple[Node, Node]] = field(default_factory=list)  # (left, right) operands of score matmuls
+
+
+def find_sites(gm: GraphModule) -> tuple[list[Site], dict[str, Linear]]:
+    """The role sites of a captured graph, sorted by layer and role, and every linear by weight path."""
+    nodes = list(gm.graph.nodes)
+    linears, linear_of = _find_linears(gm, nodes)
+    attentions = _find_attentions(nodes, linear_of)
+    columns = _column_maps(nodes, linear_of)
+    origin = _propagate_origins(nodes, linear_of, attentions, columns)
+    sites = _assign_roles(nodes, linears, linear_of, attentions, origin)
+    sites.sort(key=lambda s: (s.layer if s.layer is not None else -1, _ROLE_ORDER.get(s.role, 99), s.path))
+    return sites, linears
+
+
+# -- linears ---------------------------------------------------------------------------------
+
+
+def _param(gm: GraphModule, node) -> torch.nn.Parameter | None:
+    if isinstance(node, Node) and node.op == "get_attr":
+        try:
+            value = gm.get_parameter(node.target)
+        except AttributeError:
+            return None
+        return value
+    return None
+
+
+def _find_linears(gm: GraphModule, nodes: list[Node]) -> tuple[dict[str, Linear], dict[Node, tuple[str, int]]]:
+    """Linear-like nodes grouped by weight; ``linear_of[node] = (weight path, input arg index)``."""
+    found: dict[str, dict] = {}
+    linear_of: dict[Node, tuple[str, int]] = {}
+    for node in nodes:
+        spec = _LINEAR_OPS.get(op_name(node)) if node.op == "call_function" else None
+        if spec is None:
+            continue
+        x_i, w_i, b_i, transposed = spec
+        if len(node.args) <= max(x_i, w_i):
+            continue
+        weight = _param(gm, node.args[w_i])
+        if weight is None or weight.ndim != 2:
+            continue
+        bias_node = node.args[b_i] if b_i is not None and len(node.args) > b_i else node.kwargs.get("bias")
+        bias = bias_node.target if _param(gm, bias_node) is not None else None
+        target = node.args[w_i].target
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        entry = found.setdefault(target, dict(path=target.rpartition(".")[0], weight=target, bias=bias,
+                                              transposed=transposed, in_features=in_f, out_features=out_f, nodes=[]))
+        entry["nodes"].append(node.name)
+        linear_of[node] = (target, x_i)
+    linears = {k: Linear(**{**v, "nodes": tuple(v["nodes"])}) for k, v in found.items()}
+    return linears, linear_of
+
+
+# -- attention -------------------------------------------------------------------------------
+
+
+def _find_attentions(nodes: list[Node], linear_of) -> list[_Attention]:
+    """SDPA nodes, and softmax(scores) @ v patterns whose scores come from activation matmuls."""
+    found = []
+    for node in nodes:
+        name = op_name(node)
+        if name in SDPA:
+            found.append(_Attention(out=node, q=node.args[0], k=node.args[1], v=node.args[2]))
+        elif name in SOFTMAX:
+            att = _softmax_attention(node, linear_of)
+            if att is not None:
+                found.append(att)
+    return found
+
+
+def _matmul_operands(node: Node) -> tuple[Node, Node]:
+    return (node.args[1], node.args[2]) if op_name(node) == "baddbmm" else (node.args[0], node.args[1])
+
+
+def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
+    # Forward: the probabilities (through dropout, casts, views) are the left operand of P @ V.
+    out, frontier = None, [softmax]
+    while frontier and out is None:
+        node = frontier.pop()
+        for user in node.users:
+            if op_name(user) in MATMUL and user not in linear_of and user.args[0] is node:
+                out = user
+                break
+            if op_name(user) in MOVEMENT or op_name(user) in ("dropout", "masked_fill", "where"):
+                frontier.append(user)
+    if out is None:
+        return None
+    # Backward: the activation matmuls whose results are summed, scaled and masked into the scores.
+    scores, stack, seen = [], [softmax.args[0]], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, Node) or node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if op_name(node) in MATMUL and node not in linear_of:
+            scores.append(_matmul_operands(node))
+        elif node not in linear_of and op_name(node) not in SOFTMAX:
+            stack.extend(node.all_input_nodes)
+    if not scores:
+        return None
+    return _Attention(out=out, q=scores[0][0], k=scores[0][1], v=out.args[1], scores=scores)
+
+
+# -- columns of fused projections ------------------------------------------------------------
+
+
+def _column_maps(nodes: list[Node], linear_of) -> dict[Node, tuple[Node, frozenset[int]]]:
+    """For nodes that select part of a projection's output: (projection node, output columns they hold).
+
+    Column indices are pushed through the movement ops after the projection (views, permutes,
+    splits, chunks, slices) by running them on an index tensor of the example shape. Needs
+    shapes (``node.meta["val"]``); graphs without them get no column maps.
+    """
+    maps: dict[Node, tuple[Node, frozenset[int]]] = {}
+    for node in linear_of:
+        chain = _movement_chain(node)
+        if not any(op_name(n) in SELECTING for n in chain):
+            continue
+        shape = example_shape(node)
+        if shape is None:
+            continue
+        width = shape[-1]
+        env = {node: torch.arange(width).repeat(max(1, _numel(shape[:-1])), 1).reshape(shape)}
+        try:
+            for n in chain:
+                env[n] = _run_movement(n, env)
+        except Exception:  # an op we cannot replay on indices: treat every column as reaching everything
+            continue
+        for n in chain:
+            if isinstance(env[n], torch.Tensor):
+                cols = frozenset(env[n].unique().tolist())
+                if len(cols) < width:
+                    maps[n] = (node, cols)
+    return maps
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _movement_chain(start: Node) -> list[Node]:
+    chain, frontier = [], [start]
+    while frontier:
+        for user in frontier.pop().users:
+            if op_name(user) in MOVEMENT and user not in chain:
+                chain.append(user)
+                frontier.append(user)
+    order = {n: i for i, n in enumerate(start.graph.nodes)} if chain else {}
+    return sorted(chain, key=order.__getitem__)
+
+
+def _run_movement(node: Node, env: dict) -> object:
+    def value(a):
+        if isinstance(a, Node):
+            if a in env:
+                return env[a]
+            return concrete(a.meta.get("val"))
+        if isinstance(a, (list, tuple)):
+            return type(a)(value(x) for x in a)
+        return a
+
+    args, kwargs = value(node.args), {k: value(v) for k, v in node.kwargs.items()}
+    if op_name(node) in CASTS:
+        return args[0]
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+# -- origins ---------------------------------------------------------------------------------
+
+# origin[node] maps each source (a projection node or an attention output) whose value reaches the
+# node without passing another projection, attention or softmax, to (columns or None for all,
+# whether an activation lies on the way).
+_Origin = dict[Node, tuple[frozenset[int] | None, bool]]
+
+
+def _propagate_origins(nodes, linear_of, attentions, columns) -> dict[Node, _Origin]:
+    att_outs = {a.out for a in attentions}
+    empty: _Origin = {}
+    origin: dict[Node, _Origin] = {}
+    for node in nodes:
+        name = op_name(node)
+        if node in linear_of or node in att_outs:
+            origin[node] = {node: (None, False)}
+        elif node in columns:
+            source, cols = columns[node]
+            origin[node] = {source: (cols, False)}
+        elif node.op != "call_function" and node.op != "call_method" or name in MATMUL or name in SOFTMAX or name in SDPA:
+            origin[node] = empty
+        else:
+            merged: _Origin = {}
+            for parent in node.all_input_nodes:
+                for source, (cols, act) in origin.get(parent, empty).items():
+                    if source in merged:
+                        old_cols, old_act = merged[source]
+                        cols = None if cols is None or old_cols is None else cols | old_cols
+                        act = act or old_act
+                    merged[source] = (cols, act)
+            if name in ACTIVATIONS and merged:
+                merged = {s: (c, True) for s, (c, _) in merged.items()}
+            origin[node] = merged or empty
+    return origin
+
+
+# -- roles -----------------------------------------------------------------------------------
+
+
+def _assign_roles(nodes, linears, linear_of, attentions, origin) -> list[Site]:
+    order = {n: i for i, n in enumerate(nodes)}
+    x_of = {n: n.args[i] for n, (_, i) in linear_of.items()}
+    roles: dict[tuple[str, str], tuple[int, frozenset[int] | None]] = {}  # (weight, role) -> (layer, columns)
+
+    def sources(node) -> dict[Node, frozenset[int] | None]:
+        return {s: c for s, (c, _) in origin.get(node, {}).items() if s in linear_of}
+
+    def add(node: Node, role: str, layer: int, cols=None) -> None:
+        key = (linear_of[node][0], role)
+        if key in roles:
+            old = roles[key][1]
+            cols = None if old is None or cols is None else old | cols
+        roles[key] = (layer, cols)
+
+    # q, k, v: what reaches each attention's operands. Self-attention blocks number the layers.
+    att_layer: dict[Node, int] = {}
+    cross_atts: set[Node] = set()
+    layer = -1
+    for att in attentions:
+        q, k, v = _qkv_sources(att, sources, x_of)
+        cross = bool(q) and bool(k) and not ({x_of[s] for s in q} & {x_of[s] for s in k})
+        layer = max(layer, 0) if cross else layer + 1
+        att_layer[att.out] = layer
+        prefix = "cross_" if cross else ""
+        if cross:
+            cross_atts.add(att.out)
+        for role, srcs in (("q", q), ("k", k), ("v", v)):
+            for node, cols in srcs.items():
+                add(node, prefix + role, layer, cols)
+
+    # o: the projection(s) reading an attention's output.
+    taken = {w for (w, _) in roles}
+    for node in linear_of:
+        feeding = [a for a in origin.get(x_of[node], {}) if a in att_layer]
+        if feeding and linear_of[node][0] not in taken:
+            att = max(feeding, key=order.__getitem__)
+            add(node, "cross_o" if att in cross_atts else "o", att_layer[att])
+
+    # ffn: a projection reading other projections' outputs through an activation, whose own output
+    # is added back to the residual stream those projections read.
+    taken = {w for (w, _) in roles}
+    att_order = sorted(att_layer, key=order.__getitem__)
+    for node in linear_of:
+        inputs = {s: act for s, (_, act) in origin.get(x_of[node], {}).items() if s in linear_of and linear_of[s][0] not in taken}
+        if linear_of[node][0] in taken or not any(inputs.values()) or not _adds_to_residual(node, [x_of[s] for s in inputs]):
+            continue
+        first = min(order[s] for s in inputs)
+        before = [a for a in att_order if order[a] < first]
+        layer = att_layer[before[-1]] if before else 0
+        add(node, "ffn_out", layer)
+        for s in inputs:
+            add(s, "ffn_in", layer)
+        taken |= {linear_of[node][0], *(linear_of[s][0] for s in inputs)}
+
+    return _make_sites(roles, linears)
+
+
+def _qkv_sources(att: _Attention, sources, x_of):
+    q, k, v = sources(att.q), sources(att.k), sources(att.v)
+    if len(att.scores) > 1:
+        # Several score matmuls (DeBERTa's content and position terms): the content term is the
+        # one whose keys read the same input as the values.
+        v_inputs = {x_of[s] for s in v}
+        for left, right in att.scores:
+            right_src = sources(right)
+            if {x_of[s] for s in right_src} & v_inputs:
+                q, k = sources(left), right_src
+                break
+    return q, k, v
+
+
+def _adds_to_residual(down: Node, up_inputs: list[Node], hops: int = 6, depth: int = 48) -> bool:
+    """Whether ``down``'s output is added (within a few hops) to a value the up projections' inputs derive from."""
+    ancestors, frontier = set(up_inputs), list(up_inputs)
+    for _ in range(depth):
+        frontier = [p for n in frontier for p in n.all_input_nodes if p not in ancestors]
+        ancestors.update(frontier)
+    reached, frontier = {down}, [down]
+    for _ in range(hops):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                name = op_name(user)
+                if name == "add" and any(a in ancestors for a in user.all_input_nodes if a not in reached):
+                    return True
+                if (name in MOVEMENT or name in ("dropout", "mul", "div", "add")) and user not in reached:
+                    reached.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
+def _make_sites(roles, linears: dict[str, Linear]) -> list[Site]:
+    by_weight: dict[str, list[tuple[str, int, frozenset[int] | None]]] = {}
+    for (weight, role), (layer, cols) in roles.items():
+        by_weight.setdefault(weight, []).append((role, layer, cols))
+    sites = []
+    for weight, entries in by_weight.items():
+        lin = linears[weight]
+        fused = len(entries) > 1 and all(c is not None for _, _, c in entries)
+        if len(entries) > 1 and not fused:
+            # Several roles but no column split we could follow: one site for the whole projection.
+            entries.sort(key=lambda e: _ROLE_ORDER.get(e[0], 99))
+            role = "".join(r for r, _, _ in entries) if all(len(r) == 1 for r, _, _ in entries) else entries[0][0]
+            sites.append(Site(entries[0][1], role, lin.path, lin.in_features, lin.out_features, lin))
+            continue
+        for role, layer, cols in entries:
+            columns = _as_columns(cols, lin.out_features) if fused else None
+            width = lin.out_features if columns is None else len(columns)
+            sites.append(Site(layer, role, lin.path, lin.in_features, width, lin, columns))
+    return sites
+
+
+def _as_columns(cols: frozenset[int] | None, width: int) -> Sequence[int] | None:
+    if cols is None or len(cols) == width:
+        return None
+    ordered = sorted(cols)
+    if ordered[-1] - ordered[0] + 1 == len(ordered):
+        return range(ordered[0], ordered[-1] + 1)
+    return tuple(ordered)
