@@ -29,13 +29,13 @@ from torch.fx import GraphModule, Node
 
 from .ops import ACTIVATIONS, CASTS, MATMUL, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
 
-__all__ = ["Site", "Linear", "find_sites", "ROLES"]
+__all__ = ["Site", "Linear", "find_sites", "ROLES", "LINEAR_OPS"]
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 _ROLE_ORDER = {r: i for i, r in enumerate(("q", "k", "v", "o", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_in", "ffn_out"))}
 
 # op name -> (index of the input, index of the weight, index of the bias, weight stored (in, out))
-_LINEAR_OPS = {
+LINEAR_OPS = {
     "linear": (0, 1, 2, False),
     "addmm": (1, 2, 0, True),
     "matmul": (0, 1, None, True),
@@ -124,7 +124,7 @@ def _find_linears(gm: GraphModule, nodes: list[Node]) -> tuple[dict[str, Linear]
     found: dict[str, dict] = {}
     linear_of: dict[Node, tuple[str, int]] = {}
     for node in nodes:
-        spec = _LINEAR_OPS.get(op_name(node)) if node.op == "call_function" else None
+        spec = LINEAR_OPS.get(op_name(node)) if node.op == "call_function" else None
         if spec is None:
             continue
         x_i, w_i, b_i, transposed = spec

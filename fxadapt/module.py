@@ -1,0 +1,373 @@
+"""AdaptedModule: a captured model as a GraphModule, with named adapters.
+
+The module keeps the pristine captured graph. Whenever the set of active or merged adapters
+changes, the live graph is rebuilt from it: copy, annotate the placements of the active, unmerged
+adapters, run the insert passes, lint, recompile. Merged adapters live in the weights instead.
+
+Weights and the user's model: the captured graph reads the model's own Parameter objects (no copy).
+``merge_adapter`` never writes into them: it puts new, merged tensors on this module and keeps the
+originals, which ``reset_adapter`` puts back (the same objects, so bit for bit).
+``train_adapter`` sets ``requires_grad=False`` on the base parameters, which the model shares.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .capture import InputSpec
+from .config import AdapterConfig, config_id, resolve_config
+from .errors import AdapterError, MergeError
+from .passes import METHODS, insert_adapters
+from .plan import Placement, annotate, plan
+from .sites import Linear, Site, find_sites
+from .summary import SummaryRow, format_summary
+
+__all__ = ["AdaptedModule"]
+
+
+@dataclass
+class _Adapter:
+    name: str
+    config: AdapterConfig
+    placements: list[Placement]
+
+
+class AdaptedModule(GraphModule):
+    """A model captured as a graph, to which named adapters are added, activated, trained,
+    merged into the weights and reset. Call it as the model: same inputs, same output type.
+
+    Make one with :func:`fxadapt.capture` or :func:`fxadapt.rewrite`.
+
+    >>> import fxadapt, torch
+    >>> gm = fxadapt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
+    >>> gm.add_adapter("lora", fxadapt.LoRAConfig(targets=r"0", selfattn_lora=False), set_active=True)
+    >>> gm.active_adapters
+    ['lora']
+    """
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def _create(cls, root: GraphModule, inputs: InputSpec | None, model: nn.Module) -> AdaptedModule:
+        gm = cls(root, root.graph, "AdaptedModule")
+        _copy_state(root, gm)
+        for name in ("_in_spec", "_out_spec"):
+            if hasattr(root, name):
+                setattr(gm, name, getattr(root, name))
+        gm._fx_model_name = type(model).__name__
+        gm._fx_inputs = inputs
+        gm._fx_base = _copy_graph(root.graph)
+        sites, linears = find_sites(root)
+        gm._fx_sites: list[Site] = sites
+        gm._fx_linears: dict[str, Linear] = linears
+        gm._fx_adapters: dict[str, _Adapter] = {}
+        gm._fx_active: list[str] = []
+        gm._fx_merged: list[str] = []
+        gm._fx_originals: dict[str, nn.Parameter] = {}
+        gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
+        gm._rebuild()
+        gm.train(model.training)
+        return gm
+
+    def _rebuild(self) -> None:
+        graph = _copy_graph(self._fx_base)
+        placements = [p for name in self._fx_active if name not in self._fx_merged for p in self._fx_adapters[name].placements]
+        annotate(graph, placements)
+        insert_adapters(self, graph)
+        graph.lint()
+        self.graph = graph
+        self.recompile()
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def sites(self) -> list[Site]:
+        """The sites found in the graph, by layer and role (q, k, v, o, ffn_in, ffn_out)."""
+        return list(self._fx_sites)
+
+    @property
+    def adapters(self) -> dict[str, AdapterConfig]:
+        """Every adapter on the module and its config, in the order they were added."""
+        return {name: a.config for name, a in self._fx_adapters.items()}
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters that act on the output, merged ones included."""
+        return list(self._fx_active)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters folded into the weights."""
+        return list(self._fx_merged)
+
+    def add_adapter(self, name: str, config: AdapterConfig | str, *, set_active: bool = False) -> None:
+        """Add adapter ``name`` with a config object or a ``fxadapt.CONFIGS`` id ("lora", "ia3", ...).
+
+        Its weights are new parameters on this module (the model is not changed). As in AdapterHub,
+        the adapter does not act until activated (``set_active=True``, ``set_active_adapters`` or
+        ``train_adapter``).
+        """
+        config = resolve_config(config)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise AdapterError(f"adapter name must be a Python identifier (it names parameters), got {name!r}")
+        if name in self._fx_adapters:
+            raise AdapterError(f"{self._fx_model_name} already has an adapter named {name!r}; delete_adapter({name!r}) first")
+        placements = plan(name, config, self._fx_sites, self._fx_linears, self._fx_model_name)
+        for p in placements:
+            weights = METHODS[p.method].build(p.site, config, self.get_parameter(p.site.weight))
+            _set_module(self, p.module, weights)
+        self._fx_adapters[name] = _Adapter(name, config, placements)
+        if set_active:
+            self._fx_active.append(name)
+        self._rebuild()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter and its weights (a merged adapter is reset first)."""
+        self._adapter(name)
+        if name in self._fx_merged:
+            self.reset_adapter(name)
+        adapter = self._fx_adapters.pop(name)
+        for p in adapter.placements:
+            _delete_module(self, p.module)
+        if name in self._fx_active:
+            self._fx_active.remove(name)
+        self._rebuild()
+
+    def set_active_adapters(self, names: str | Iterable[str] | None) -> None:
+        """Make exactly these adapters act, composed in this order (None or [] for none).
+
+        Merged adapters act through the weights and must stay active: reset them to deactivate.
+        """
+        names = self._names(names)
+        dropped = [n for n in self._fx_merged if n not in names]
+        if dropped:
+            raise AdapterError(f"adapter(s) {dropped} are merged into the weights; reset_adapter() them before deactivating")
+        self._fx_active = names
+        self._rebuild()
+
+    def train_adapter(self, names: str | Iterable[str], also: Iterable[str] = ()) -> None:
+        """Train these adapters: activate them, put the module in training mode and make only their
+        parameters, and the base parameters named in ``also``, require gradients.
+
+        ``also`` takes parameter names or module prefixes (e.g. ``"classifier"``). The base
+        parameters are the model's own, so the model sees their ``requires_grad`` change too.
+        """
+        names = self._names(names)
+        merged = [n for n in names if n in self._fx_merged]
+        if merged:
+            raise AdapterError(f"adapter(s) {merged} are merged into the weights; reset_adapter() before training")
+        trainable = {id(p) for n in names for p in self._adapter_parameters(n)}
+        base = dict(self._base_parameters())
+        for prefix in also:
+            hits = [k for k in base if k == prefix or k.startswith(prefix + ".")]
+            if not hits:
+                raise AdapterError(f"also={prefix!r} names no base parameter of {self._fx_model_name}")
+            trainable |= {id(base[k]) for k in hits}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.train()
+        self._fx_active = [n for n in self._fx_merged if n not in names] + names
+        self._rebuild()
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's weights, keyed ``<module path>[.<role>].<weight>`` (no adapter name)."""
+        out = {}
+        for p in self._adapter(name).placements:
+            key = p.module.replace(f"adapters.{name}", "").replace("..", ".").strip(".")
+            for pname, tensor in self.get_submodule(p.module).named_parameters():
+                out[f"{key}.{pname}" if key else pname] = tensor
+        return out
+
+    # -- merge -----------------------------------------------------------------------------
+
+    def merge_adapter(self, names: str | Iterable[str]) -> None:
+        """Fold LoRA / (IA)^3 adapters into the weights: the graph becomes the base graph again.
+
+        The merged weights are new tensors on this module; the original parameters (shared with
+        your model) are kept untouched and come back with ``reset_adapter``. Merged adapters act
+        first, before any active unmerged adapter, in the order they were merged.
+        """
+        names = [n for n in self._names(names) if n not in self._fx_merged]
+        for name in names:
+            adapter = self._fx_adapters[name]
+            for p in adapter.placements:
+                if METHODS[p.method].fold is None:
+                    raise MergeError(f"adapter {name!r} ({type(adapter.config).__name__}) cannot be merged into the weights")
+            if getattr(adapter.config, "use_gating", False):
+                raise MergeError(f"adapter {name!r} is gated: its output depends on the input and cannot be folded")
+        self._fx_merged += names
+        self._fx_active = [n for n in self._fx_active if n not in names] + names
+        self._refold()
+        self._rebuild()
+
+    def reset_adapter(self, name: str | None = None) -> None:
+        """Undo ``merge_adapter`` for one adapter (or all): original weights back, bit for bit.
+
+        The adapter stays active, now acting through the graph again.
+        """
+        if name is None:
+            self._fx_merged = []
+        else:
+            self._adapter(name)
+            if name not in self._fx_merged:
+                raise AdapterError(f"adapter {name!r} is not merged")
+            self._fx_merged.remove(name)
+        self._refold()
+        self._rebuild()
+
+    def _refold(self) -> None:
+        """Recompute every merged weight from its original; put back originals no adapter folds into."""
+        folds: dict[str, list[Placement]] = {}
+        for name in self._fx_merged:
+            for p in self._fx_adapters[name].placements:
+                folds.setdefault(p.site.weight, []).append(p)
+        touched = set(folds) | {self._fx_linears[w].bias for w in folds if self._fx_linears[w].bias}
+        for path in [k for k in self._fx_originals if k not in touched]:
+            _set_param(self, path, self._fx_originals.pop(path))
+        with torch.no_grad():
+            for weight_path, placements in folds.items():
+                bias_path = self._fx_linears[weight_path].bias
+                weight = self._fx_originals.setdefault(weight_path, self.get_parameter(weight_path))
+                bias = self._fx_originals.setdefault(bias_path, self.get_parameter(bias_path)) if bias_path else None
+                w, b = weight.detach(), None if bias is None else bias.detach()
+                for p in placements:
+                    w, b = METHODS[p.method].fold(w, b, p, self.get_submodule(p.module))
+                _set_param(self, weight_path, nn.Parameter(w.to(weight.dtype), requires_grad=False))
+                if bias_path:
+                    _set_param(self, bias_path, nn.Parameter(b.to(bias.dtype), requires_grad=False))
+
+    # -- summary ---------------------------------------------------------------------------
+
+    def adapter_summary(self, as_dict: bool = False) -> str | list[dict]:
+        """AdapterHub's table: each adapter's architecture, #params, % of the base model, active, train."""
+        base = sum(p.numel() for _, p in self._base_parameters())
+        rows = []
+        for name, adapter in self._fx_adapters.items():
+            params = self._adapter_parameters(name)
+            rows.append(SummaryRow(
+                name=name,
+                architecture=METHODS[adapter.placements[0].method].architecture if adapter.placements else adapter.config.architecture,
+                params=sum(p.numel() for p in params),
+                active=name in self._fx_active,
+                train=all(p.requires_grad for p in params),
+            ))
+        base_train = all(p.requires_grad for _, p in self._base_parameters())
+        return format_summary(rows, base, base_train, as_dict=as_dict)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _adapter(self, name: str) -> _Adapter:
+        if name not in self._fx_adapters:
+            known = ", ".join(self._fx_adapters) or "none"
+            raise AdapterError(f"{self._fx_model_name} has no adapter {name!r} (adapters: {known})")
+        return self._fx_adapters[name]
+
+    def _names(self, names) -> list[str]:
+        names = [] if names is None else [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._adapter(n)
+        if len(set(names)) != len(names):
+            raise AdapterError(f"adapter names repeat: {names}")
+        return names
+
+    def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for pl in self._adapter(name).placements for p in self.get_submodule(pl.module).parameters()]
+
+    def _base_parameters(self):
+        adapter_ids = {id(p) for name in self._fx_adapters for p in self._adapter_parameters(name)}
+        return [(k, p) for k, p in self.named_parameters() if id(p) not in adapter_ids]
+
+    def __deepcopy__(self, memo):
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        res.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        res.recompile()
+        return res
+
+
+def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
+    """Forward pre-hook: bind a call with the model's signature to the graph's inputs."""
+    spec = module._fx_inputs
+    if spec is None:
+        return None
+    if not args and len(kwargs) == len(spec.names) and all(n in kwargs for n in spec.names):
+        if torch.compiler.is_compiling():
+            return None
+    return (), spec.bind(module._fx_model_name, args, kwargs)
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` with the same node names; the code generator (pytree specs) is shared."""
+    new = torch.fx.Graph(tracer_cls=graph._tracer_cls)
+    value, old_output = new.graph_copy(graph, {}, return_output_node=True)
+    new.output(value, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
+    new._codegen = graph._codegen
+    return new
+
+
+# -- attribute plumbing -----------------------------------------------------------------------
+
+
+def _owner(root: nn.Module, path: str, create: bool = False) -> tuple[nn.Module, str]:
+    *parents, leaf = path.split(".")
+    module = root
+    for part in parents:
+        if not hasattr(module, part):
+            if not create:
+                raise AttributeError(path)
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    return module, leaf
+
+
+def _set_param(root: nn.Module, path: str, value: nn.Parameter) -> None:
+    owner, leaf = _owner(root, path)
+    setattr(owner, leaf, value)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register ``module`` at a dotted path, creating ModuleDict containers on the way."""
+    *parents, leaf = path.split(".")
+    owner = root
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.ModuleDict())
+        owner = getattr(owner, part)
+    owner.add_module(leaf, module)
+
+
+def _delete_module(root: nn.Module, path: str) -> None:
+    """Remove the module at ``path`` and the ModuleDict containers this leaves empty."""
+    owner, leaf = _owner(root, path)
+    delattr(owner, leaf)
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        container = root.get_submodule(".".join(parts[:depth]))
+        if not (isinstance(container, nn.ModuleDict) and len(container) == 0):
+            break
+        owner, leaf = _owner(root, ".".join(parts[:depth]))
+        delattr(owner, leaf)
+
+
+def _copy_state(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` every parameter and buffer of ``src`` the graph does not read, and keep
+    constants that GraphModule turned into buffers as plain attributes (as torch.export has them)."""
+    for kind, items in (("param", src.named_parameters(remove_duplicate=False)), ("buffer", src.named_buffers(remove_duplicate=False))):
+        for path, value in items:
+            owner, leaf = _owner(dst, path, create=True)
+            if kind == "param" and leaf not in owner._parameters:
+                owner.register_parameter(leaf, value)
+            elif kind == "buffer" and leaf not in owner._buffers:
+                src_owner, _ = _owner(src, path)
+                owner.register_buffer(leaf, value, persistent=leaf not in src_owner._non_persistent_buffers_set)
+    src_buffers = {p for p, _ in src.named_buffers(remove_duplicate=False)}
+    for path, value in list(dst.named_buffers(remove_duplicate=False)):
+        if path not in src_buffers:
+            owner, leaf = _owner(dst, path)
+            del owner._buffers[leaf]
+            setattr(owner, leaf, value)

@@ -1,0 +1,134 @@
+"""Graph passes. Each adapter method registers a :class:`Method` in ``METHODS``: how to build its
+weights at a site, how to rewrite the graph there, and (when it can) how to fold into the weight.
+
+:func:`insert_adapters` is the one driver: it reads the placements that ``plan.annotate`` wrote into
+``node.meta`` and applies each method's rule at its node, in order, with an :class:`Emitter` that
+keeps new nodes in order and tags them with the site's ``nn_module_stack``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from ..ops import op_name
+from ..plan import META_KEY, Placement
+from ..sites import LINEAR_OPS, Site
+from .dropout import RATE_MODULE
+
+aten = torch.ops.aten
+
+__all__ = ["Method", "METHODS", "Emitter", "insert_adapters"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter method as data: ``build(site, config, like)`` makes the weights of one placement
+    (``like`` is the site's weight, for device and dtype); ``insert(emitter, placement, weights)``
+    rewrites the graph at the site; ``fold(W, b, placement, weights)`` returns the merged weight and
+    bias, or is None for methods that cannot merge."""
+
+    architecture: str
+    build: Callable[[Site, Any, torch.Tensor], nn.Module]
+    insert: Callable[["Emitter", Placement, nn.Module], None]
+    fold: Callable[[torch.Tensor, torch.Tensor | None, Placement, nn.Module], tuple] | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+class Emitter:
+    """Builds the nodes of one site: after the projection in order, or before it for its input."""
+
+    def __init__(self, graph: Graph, node: Node):
+        self.graph, self.node = graph, node
+        self.x_index = LINEAR_OPS[op_name(node)][0]
+        self.x: Node = node.args[self.x_index]
+        self.y: Node = node
+        self._last = node
+        self._created: set[Node] = set()
+        self._meta = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta}
+
+    def _new(self, op: str, target, args: tuple, kwargs: dict | None = None, before: bool = False) -> Node:
+        where = self.graph.inserting_before(self.node) if before else self.graph.inserting_after(self._last)
+        with where:
+            new = self.graph.create_node(op, target, args, kwargs or {})
+        if not before:
+            self._last = new
+        new.meta.update(self._meta)
+        self._created.add(new)
+        return new
+
+    def call(self, target, *args, **kwargs) -> Node:
+        return self._new("call_function", target, args, kwargs)
+
+    def attr(self, path: str) -> Node:
+        return self._new("get_attr", path, ())
+
+    def rate(self, p: float) -> Node:
+        """The dropout rate ``p`` in training mode, 0 in eval mode."""
+        return self._new("call_module", RATE_MODULE, (float(p),))
+
+    def scale_input(self, scale_path: str, scaling: float = 1.0, cast: bool = False) -> None:
+        """Multiply the projection's input by ``scaling`` times a vector, for this projection only."""
+        x = self.node.args[self.x_index]
+        s = self._new("get_attr", scale_path, (), before=True)
+        if scaling != 1.0:
+            s = self._new("call_function", aten.mul.Tensor, (s, scaling), before=True)
+        if cast:
+            s = self._new("call_function", aten.type_as.default, (s, x), before=True)
+        scaled = self._new("call_function", aten.mul.Tensor, (x, s), before=True)
+        args = list(self.node.args)
+        args[self.x_index] = scaled
+        self.node.args = tuple(args)
+
+    def add_to_columns(self, delta: Node, site: Site, index_path: str) -> None:
+        """``y += delta``, with ``delta`` placed into the site's columns of a fused projection."""
+        cols, width = site.columns, site.linear.out_features
+        if cols is None:
+            self.y = self.call(aten.add.Tensor, self.y, delta)
+        elif isinstance(cols, range):
+            self.y = self.call(aten.add.Tensor, self.y, self.call(aten.constant_pad_nd.default, delta, [cols.start, width - cols.stop], 0.0))
+        else:
+            self.y = self.call(aten.index_add.default, self.y, -1, self.attr(index_path), delta)
+
+    def full_vector(self, vec: Node, site: Site, index_path: str, fill: float) -> Node:
+        """A vector over all output columns: ``vec`` on the site's columns, ``fill`` elsewhere."""
+        cols, width = site.columns, site.linear.out_features
+        if cols is None:
+            return vec
+        if isinstance(cols, range):
+            return self.call(aten.constant_pad_nd.default, vec, [cols.start, width - cols.stop], fill)
+        full = self.call(aten.new_full.default, vec, [width], fill)
+        return self.call(aten.index_copy.default, full, 0, self.attr(index_path), vec)
+
+    def finish(self) -> None:
+        if self.y is not self.node:
+            self.node.replace_all_uses_with(self.y, delete_user_cb=lambda user: user not in self._created)
+
+
+def insert_adapters(gm: GraphModule, graph: Graph) -> None:
+    """Apply every placement annotated in ``graph`` (by ``plan.annotate``), in annotation order."""
+    for node in list(graph.nodes):
+        placements = node.meta.pop(META_KEY, None)
+        if not placements:
+            continue
+        emitter = Emitter(graph, node)
+        for p in placements:
+            METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module))
+        emitter.finish()
+
+
+def columns_tensor(columns: Sequence[int] | None) -> torch.Tensor | None:
+    """Index tensor of a fused site's non-contiguous columns (None when a pad does the job)."""
+    if columns is None or isinstance(columns, range):
+        return None
+    return torch.tensor(list(columns), dtype=torch.long)
+
+
+from . import lora as _lora  # noqa: E402,F401  registers lora and ia3
