@@ -24,6 +24,7 @@ from .capture import InputSpec
 from .config import AdapterConfig, config_id, resolve_config
 from .errors import AdapterError, MergeError
 from .passes import METHODS, insert_adapters
+from .passes.dropout import RATE_MODULE, DropoutRate
 from .plan import Placement, annotate, plan
 from .sites import Linear, Site, find_sites
 from .summary import SummaryRow, format_summary
@@ -57,6 +58,8 @@ class AdaptedModule(GraphModule):
     def _create(cls, root: GraphModule, inputs: InputSpec | None, model: nn.Module) -> AdaptedModule:
         gm = cls(root, root.graph, "AdaptedModule")
         _copy_state(root, gm)
+        if not hasattr(gm, RATE_MODULE):
+            gm.add_module(RATE_MODULE, DropoutRate())
         for name in ("_in_spec", "_out_spec"):
             if hasattr(root, name):
                 setattr(gm, name, getattr(root, name))

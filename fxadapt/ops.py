@@ -39,6 +39,8 @@ SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax", "log_softmax"})
 MATMUL = frozenset({"matmul", "bmm", "mm", "baddbmm", "__matmul__"})
 SDPA = frozenset({"scaled_dot_product_attention"})
 DROPOUT = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
+# Ops that read a tensor's metadata (sizes, dtype), not its values.
+METADATA = frozenset({"size", "sym_size", "sym_numel", "sym_stride", "dim", "numel", "getattr", "_assert_tensor_metadata"})
 
 
 def concrete(value):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from .ops import ACTIVATIONS, CASTS, MATMUL, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
+from .ops import ACTIVATIONS, CASTS, MATMUL, METADATA, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
 
 __all__ = ["Site", "Linear", "find_sites", "ROLES", "LINEAR_OPS"]
 
@@ -283,7 +283,7 @@ def _propagate_origins(nodes, linear_of, attentions, columns) -> dict[Node, _Ori
         elif node in columns:
             source, cols = columns[node]
             origin[node] = {source: (cols, False)}
-        elif node.op != "call_function" and node.op != "call_method" or name in MATMUL or name in SOFTMAX or name in SDPA:
+        elif node.op not in ("call_function", "call_method") or name in MATMUL or name in SOFTMAX or name in SDPA or name in METADATA:
             origin[node] = empty
         else:
             merged: _Origin = {}

@@ -1,0 +1,117 @@
+"""Helpers to property-test rewrites: hypothesis strategies for configs, and output comparison.
+
+>>> import torch, fxadapt
+>>> from fxadapt.testing import assert_equivalent
+>>> m = torch.nn.Linear(4, 4)
+>>> assert_equivalent(fxadapt.capture(m, (torch.randn(2, 4),)), m, (torch.randn(3, 4),))
+
+The strategies need ``hypothesis`` (``pip install fxadapt[test]``)::
+
+    from hypothesis import given
+    from fxadapt.testing import lora_configs
+
+    @given(lora_configs())
+    def test_zero_init_is_base(config):
+        gm = fxadapt.rewrite(model, config)
+        assert_equivalent(gm, model, inputs)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .config import IA3Config, LoRAConfig
+
+__all__ = ["assert_equivalent", "assert_outputs_close", "lora_configs", "ia3_configs", "adapter_configs", "adapter_names"]
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    if hasattr(output, "to_tuple"):  # transformers ModelOutput
+        output = output.to_tuple()
+    return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+
+
+def assert_outputs_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-5, mask: torch.Tensor | None = None) -> None:
+    """Assert two model outputs (tensors, tuples, ModelOutputs) have the same type and close tensors.
+
+    ``mask`` (batch, seq), e.g. an attention mask, zeroes padded positions of (batch, seq, ...)
+    tensors before comparing, since implementations may differ there.
+    """
+    assert type(actual) is type(expected), f"output types differ: {type(actual).__name__} != {type(expected).__name__}"
+    a, e = _leaves(actual), _leaves(expected)
+    assert len(a) == len(e), f"outputs hold {len(a)} and {len(e)} tensors"
+    for i, (x, y) in enumerate(zip(a, e)):
+        if mask is not None and x.ndim >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
+            m = mask.reshape(*mask.shape, *([1] * (x.ndim - 2))).to(x.dtype)
+            x, y = x * m, y * m
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda msg: f"output tensor {i}: {msg}")
+
+
+def assert_equivalent(actual: torch.nn.Module, expected: torch.nn.Module, inputs: dict | tuple, *, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Run both modules on the same inputs (a tuple of args or a dict of kwargs), without
+    gradients, and assert their outputs match (padded positions ignored when the inputs have an
+    ``attention_mask``)."""
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
+    with torch.no_grad():
+        a, e = actual(*args, **kwargs), expected(*args, **kwargs)
+    assert_outputs_close(a, e, rtol=rtol, atol=atol, mask=kwargs.get("attention_mask"))
+
+
+def _st():
+    try:
+        from hypothesis import strategies
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("fxadapt.testing strategies need hypothesis: pip install 'fxadapt[test]'") from e
+    return strategies
+
+
+def lora_configs(*, layers: int = 2, max_r: int = 8, init_weights=("lora", "bert")):
+    """LoRAConfigs over sites, rank, alpha, rsLoRA, init and leave_out (dropout 0: deterministic)."""
+    st = _st()
+
+    @st.composite
+    def build(draw):
+        matrices = draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), unique=True, max_size=4))
+        intermediate, output = draw(st.booleans()), draw(st.booleans())
+        if not matrices and not intermediate and not output:
+            matrices = ["q"]
+        leave_out = draw(st.lists(st.integers(0, layers - 1), unique=True, max_size=layers - 1))
+        return LoRAConfig(
+            selfattn_lora=bool(matrices), attn_matrices=matrices or ["q", "v"], intermediate_lora=intermediate, output_lora=output,
+            r=draw(st.integers(1, max_r)), alpha=draw(st.sampled_from([1, 2, 8, 16])), use_rslora=draw(st.booleans()),
+            init_weights=draw(st.sampled_from(list(init_weights))), leave_out=sorted(leave_out),
+        )
+
+    return build()
+
+
+def ia3_configs(*, layers: int = 2):
+    """IA3Configs over sites and leave_out."""
+    st = _st()
+
+    @st.composite
+    def build(draw):
+        matrices = draw(st.lists(st.sampled_from(["q", "k", "v", "o"]), unique=True, max_size=4))
+        intermediate, output = draw(st.booleans()), draw(st.booleans())
+        if not matrices and not intermediate and not output:
+            intermediate = True
+        leave_out = draw(st.lists(st.integers(0, layers - 1), unique=True, max_size=layers - 1))
+        return IA3Config(selfattn_lora=bool(matrices), attn_matrices=matrices or ["k", "v"], intermediate_lora=intermediate,
+                         output_lora=output, leave_out=sorted(leave_out))
+
+    return build()
+
+
+def adapter_configs(*, layers: int = 2):
+    """Any config fxadapt can merge: LoRA or (IA)^3."""
+    st = _st()
+    return st.one_of(lora_configs(layers=layers), ia3_configs(layers=layers))
+
+
+def adapter_names():
+    """Valid adapter names."""
+    st = _st()
+    return st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True)
