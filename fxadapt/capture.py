@@ -271,8 +271,14 @@ def _fixed_shapes(gm: GraphModule) -> dict[str, tuple[int | None, ...]]:
     for node in gm.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
         if isinstance(val, torch.Tensor):
-            shapes[node.name] = tuple(s if isinstance(s, int) else None for s in val.shape)
+            shapes[node.name] = tuple(_static(s) for s in val.shape)
     return shapes
+
+
+def _static(size) -> int | None:
+    if isinstance(size, torch.SymInt):
+        return int(size.node.expr) if size.node.expr.is_number else None
+    return int(size)
 
 
 class _Tracer(torch.fx.Tracer):
