@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch.fx import Graph
 
 from .config import AdapterConfig, LoRAConfig
-from .errors import SiteError
+from .errors import ConfigError, SiteError
 from .sites import Linear, Site
 
 __all__ = ["Placement", "plan", "annotate"]
@@ -43,6 +43,8 @@ def module_path(name: str, site: Site) -> str:
 def plan(name: str, config: AdapterConfig, sites: list[Site], linears: dict[str, Linear], model_name: str = "model") -> list[Placement]:
     """The placements of adapter ``name`` with ``config`` on a model with these sites."""
     if isinstance(config, LoRAConfig):
+        if config.use_gating:
+            raise ConfigError(f"{type(config).__name__}.use_gating=True: gated LoRA (UniPELT) is not available in this version", field="use_gating", value=True)
         chosen = _lora_sites(config, sites, linears, model_name)
         return [Placement(name, config.method, s, module_path(name, s)) for s in chosen]
     raise SiteError(f"{type(config).__name__} has no insert pass in this version of fxadapt")

@@ -67,3 +67,10 @@ def test_target_matching():
     assert not regex.matches_target("encoder.layer.0.attention.self.key")
     names = fxadapt.LoRAConfig(targets=["dense"])
     assert names.matches_target("pooler.dense") and not names.matches_target("pooler.dense2")
+
+
+def test_gating_is_refused_until_it_has_a_pass():
+    import torch
+    gm = fxadapt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
+    with pytest.raises(fxadapt.ConfigError, match="use_gating"):
+        gm.add_adapter("g", fxadapt.LoRAConfig(targets=["0"], use_gating=True))
