@@ -21,9 +21,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .capture import InputSpec
+from .checkpoint import CheckpointMixin
 from .config import AdapterConfig, config_id, resolve_config
 from .errors import AdapterError, MergeError
-from .passes import METHODS, insert_adapters
+from .passes import METHODS, OPTIMIZATIONS, insert_adapters
 from .passes.dropout import RATE_MODULE, DropoutRate
 from .plan import Placement, annotate, plan
 from .sites import Linear, Site, find_sites
@@ -39,7 +40,7 @@ class _Adapter:
     placements: list[Placement]
 
 
-class AdaptedModule(GraphModule):
+class AdaptedModule(CheckpointMixin, GraphModule):
     """A model captured as a graph, to which named adapters are added, activated, trained,
     merged into the weights and reset. Call it as the model: same inputs, same output type.
 
@@ -83,6 +84,8 @@ class AdaptedModule(GraphModule):
         placements = [p for name in self._fx_active if name not in self._fx_merged for p in self._fx_adapters[name].placements]
         annotate(graph, placements)
         insert_adapters(self, graph)
+        for optimize in OPTIMIZATIONS:
+            optimize(self, graph)
         graph.lint()
         self.graph = graph
         self.recompile()

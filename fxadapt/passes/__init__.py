@@ -23,7 +23,7 @@ from .dropout import RATE_MODULE
 
 aten = torch.ops.aten
 
-__all__ = ["Method", "METHODS", "Emitter", "insert_adapters"]
+__all__ = ["Method", "METHODS", "OPTIMIZATIONS", "Emitter", "insert_adapters"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+
+#: Graph-to-graph optimisations run, in order, after the adapters are inserted: f(gm, graph) -> None.
+OPTIMIZATIONS: list[Callable[[GraphModule, Graph], None]] = []
 
 
 class Emitter:
