@@ -18,7 +18,9 @@ from torch import nn
 from . import errors
 from .capture import capture
 from .config import CONFIGS, AdapterConfig, IA3Config, LoRAConfig, config_id, resolve_config
-from .errors import AdapterError, CaptureError, ConfigError, FxAdaptError, InputError, MergeError, SiteError
+from .errors import AdapterError, CaptureError, ConfigError, DrawError, ExportError, FxAdaptError, InputError, MergeError, SiteError
+from .draw import draw
+from .export import export
 from .module import AdaptedModule
 from .sites import Site
 
@@ -31,6 +33,8 @@ __all__ = [
     "CONFIGS",
     "CaptureError",
     "ConfigError",
+    "DrawError",
+    "ExportError",
     "FxAdaptError",
     "IA3Config",
     "InputError",
@@ -39,7 +43,9 @@ __all__ = [
     "Site",
     "SiteError",
     "capture",
+    "draw",
     "errors",
+    "export",
     "rewrite",
 ]
 

@@ -4,6 +4,7 @@ transformers models without) or torch.fx.symbolic_trace (modules it can trace)."
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -34,28 +35,17 @@ class InputSpec:
     flags: dict[str, tuple] = field(default_factory=dict)  # non-tensor kwargs and the values the capture used
 
     def bind(self, model_name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The graph's inputs from a call with the model's own signature; InputError if it cannot."""
-        if self.signature is not None:
-            try:
-                bound = self.signature.bind(*args, **kwargs)
-            except TypeError as e:
-                raise InputError(f"{model_name}: {e}") from None
-            values = {}
-            for name, value in bound.arguments.items():
-                if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                    values.update(value)
-                else:
-                    values[name] = value
-        else:
-            if len(args) > len(self.names):
-                raise InputError(f"{model_name} takes {len(self.names)} inputs ({', '.join(self.names)}), got {len(args)} positional")
-            values = {**dict(zip(self.names, args)), **kwargs}
+        """The graph's inputs from a call with the model's own signature; InputError if it cannot.
+
+        Keyword-only calls take plain dictionary steps (torch.compile traces them whole)."""
+        values = self._bind_positional(model_name, args, kwargs) if args else dict(kwargs)
         for name in [n for n in values if n not in self.names]:
             value = values.pop(name)
             if value is None or (name in self.flags and value in self.flags[name]):
                 continue
+            shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
             raise InputError(
-                f"{model_name} was captured without {name}={value!r}; capture it with "
+                f"{model_name} was captured without {name}={shown}; capture it with "
                 f"example_kwargs={{..., {name!r}: ...}} to use that input (captured inputs: {', '.join(self.names)})"
             )
         for name in self.names:
@@ -66,6 +56,23 @@ class InputSpec:
                     raise InputError(f"{model_name} needs input {name!r} (captured inputs: {', '.join(self.names)})")
             self._check_shape(model_name, name, values[name])
         return {name: values[name] for name in self.names}
+
+    def _bind_positional(self, model_name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if self.signature is None:
+            if len(args) > len(self.names):
+                raise InputError(f"{model_name} takes {len(self.names)} inputs ({', '.join(self.names)}), got {len(args)} positional")
+            return {**dict(zip(self.names, args)), **kwargs}
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"{model_name}: {e}") from None
+        values = {}
+        for name, value in bound.arguments.items():
+            if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(value)
+            else:
+                values[name] = value
+        return values
 
     def _check_shape(self, model_name: str, name: str, value: Any) -> None:
         fixed = self.shapes.get(name)
@@ -118,7 +125,10 @@ def capture(
         main = model.main_input_name
         spec_defaults = {k: v for k, v in _CALL_DEFAULTS.items() if k in kwargs and k != main}
 
-    with _capture_mode(model):
+    # Flags (output_hidden_states=True, ...) are baked into the graph, not made graph inputs.
+    constants = {k: v for k, v in kwargs.items() if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))}
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
+    with _capture_mode(model), _bound(model, constants):
         exported = _export(model, args, kwargs, dynamic_shapes)
         train_dropout, train_sdpa = _training_rates(model, args, kwargs, exported)
     make_mode_aware(exported, train_dropout, train_sdpa)
@@ -130,11 +140,13 @@ def capture(
         signature=signature,
         defaults=spec_defaults,
         main=main,
-        flags=_TRANSFORMERS_FLAGS if hf else {},
+        flags={**(_TRANSFORMERS_FLAGS if hf else {}), **{k: (v,) for k, v in constants.items()}},
     )
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(exported.forward).parameters.values()):
         spec = None  # the graph takes *args: calls pass through unchanged
-    return AdaptedModule._create(exported, spec, model)
+    gm = AdaptedModule._create(exported, spec, model)
+    gm._fx_example = (args, kwargs)  # fxadapt.export's default example inputs
+    return gm
 
 
 # What transformers models do with these inputs when they are omitted.
@@ -212,6 +224,29 @@ def _capture_mode(model: nn.Module):
         model.train(was_training)
         if use_cache is not _MISSING:
             cfg.use_cache = use_cache
+
+
+@contextlib.contextmanager
+def _bound(model: nn.Module, constants: dict):
+    """``model.forward`` with these keyword arguments fixed (its signature kept for torch.export)."""
+    if not constants:
+        yield
+        return
+    own = model.__dict__.get("forward")
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def bound(*args, **kwargs):
+        return forward(*args, **kwargs, **constants)
+
+    model.forward = bound
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):

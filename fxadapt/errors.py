@@ -36,6 +36,14 @@ class MergeError(FxAdaptError, RuntimeError):
     """An adapter cannot be folded into the weights."""
 
 
+class DrawError(FxAdaptError, ValueError):
+    """A graph picture could not be drawn: unknown file type, matplotlib missing, file not writable."""
+
+
+class ExportError(FxAdaptError, RuntimeError):
+    """A model could not be written as .pt2 / .onnx: the message names the file and the cause."""
+
+
 class CheckpointError(FxAdaptError, ValueError):
     """A checkpoint file or directory is missing, unsafe, corrupt or does not fit the model."""
 

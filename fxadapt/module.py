@@ -23,11 +23,12 @@ from torch.fx import GraphModule
 from .capture import InputSpec
 from .checkpoint import CheckpointMixin
 from .config import AdapterConfig, config_id, resolve_config
-from .errors import AdapterError, MergeError
+from .errors import AdapterError, InputError, MergeError
 from .passes import METHODS, OPTIMIZATIONS, insert_adapters
 from .passes.dropout import RATE_MODULE, DropoutRate
-from .plan import Placement, annotate, plan
-from .sites import Linear, Site, find_sites
+from .plan import Placement, annotate, gate_location, plan
+from .passes.gating import GateRecorder, connect
+from .sites import Attention, Block, Linear, Site, analyse, find_blocks
 from .summary import SummaryRow, format_summary
 
 __all__ = ["AdaptedModule"]
@@ -38,6 +39,12 @@ class _Adapter:
     name: str
     config: AdapterConfig
     placements: list[Placement]
+    shared: list[str]  # module paths of weights shared by its placements
+
+    @property
+    def modules(self) -> list[str]:
+        """Every module path holding this adapter's weights."""
+        return [p.module for p in self.placements if p.module is not None] + self.shared
 
 
 class AdaptedModule(CheckpointMixin, GraphModule):
@@ -65,16 +72,21 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             if hasattr(root, name):
                 setattr(gm, name, getattr(root, name))
         gm._fx_model_name = type(model).__name__
+        gm.__dict__["_fx_source"] = model  # for merge_and_unload; not registered: it would list the weights twice
         gm._fx_inputs = inputs
         gm._fx_base = _copy_graph(root.graph)
-        sites, linears = find_sites(root)
+        sites, linears, attentions = analyse(root)
         gm._fx_sites: list[Site] = sites
         gm._fx_linears: dict[str, Linear] = linears
+        gm._fx_blocks: list[Block] = find_blocks(root, sites)
+        gm._fx_attentions: list[Attention] = attentions
+        gm._fx_gates = GateRecorder()
         gm._fx_adapters: dict[str, _Adapter] = {}
         gm._fx_active: list[str] = []
         gm._fx_merged: list[str] = []
         gm._fx_originals: dict[str, nn.Parameter] = {}
         gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
+        gm.register_forward_hook(_attach_gating_scores, always_call=True)
         gm._rebuild()
         gm.train(model.training)
         return gm
@@ -119,15 +131,24 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         ``train_adapter``).
         """
         config = resolve_config(config)
-        if not isinstance(name, str) or not name.isidentifier():
-            raise AdapterError(f"adapter name must be a Python identifier (it names parameters), got {name!r}")
+        if not isinstance(name, str) or not name or "." in name or not name.isprintable() or " " in name:
+            raise AdapterError(f"adapter name must be a non-empty string without '.' or spaces (it names parameters), got {name!r}")
         if name in self._fx_adapters:
             raise AdapterError(f"{self._fx_model_name} already has an adapter named {name!r}; delete_adapter({name!r}) first")
-        placements = plan(name, config, self._fx_sites, self._fx_linears, self._fx_model_name)
+        placements = plan(name, config, self._fx_sites, self._fx_linears, self._fx_model_name, self._fx_blocks, self._fx_attentions)
+        adapter = _Adapter(name, config, placements, sorted({path for p in placements for path in p.shared}))
+        if set_active:
+            self._check_composable(self._fx_active + [name], {name: adapter})
         for p in placements:
-            weights = METHODS[p.method].build(p.site, config, self.get_parameter(p.site.weight))
-            _set_module(self, p.module, weights)
-        self._fx_adapters[name] = _Adapter(name, config, placements)
+            like = self.get_parameter(p.where.weight)
+            if p.module is not None:
+                weights = METHODS[p.method].build(p.where, p.config or config, like)
+                connect(weights, self._fx_gates, name, p.where.layer, gate_location(p))
+                _set_module(self, p.module, weights)
+        for path in adapter.shared:
+            owners = [p for p in placements if path in p.shared]
+            _set_module(self, path, METHODS[owners[0].method].build_shared(owners[0].config, owners, like))
+        self._fx_adapters[name] = adapter
         if set_active:
             self._fx_active.append(name)
         self._rebuild()
@@ -138,8 +159,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         if name in self._fx_merged:
             self.reset_adapter(name)
         adapter = self._fx_adapters.pop(name)
-        for p in adapter.placements:
-            _delete_module(self, p.module)
+        for path in adapter.modules:
+            _delete_module(self, path)
         if name in self._fx_active:
             self._fx_active.remove(name)
         self._rebuild()
@@ -153,6 +174,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         dropped = [n for n in self._fx_merged if n not in names]
         if dropped:
             raise AdapterError(f"adapter(s) {dropped} are merged into the weights; reset_adapter() them before deactivating")
+        self._check_composable(names)
         self._fx_active = names
         self._rebuild()
 
@@ -169,6 +191,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             raise AdapterError(f"adapter(s) {merged} are merged into the weights; reset_adapter() before training")
         trainable = {id(p) for n in names for p in self._adapter_parameters(n)}
         base = dict(self._base_parameters())
+        self._check_composable([n for n in self._fx_merged if n not in names] + names)
         for prefix in also:
             hits = [k for k in base if k == prefix or k.startswith(prefix + ".")]
             if not hits:
@@ -181,11 +204,14 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         self._rebuild()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The adapter's weights, keyed ``<module path>[.<role>].<weight>`` (no adapter name)."""
+        """The adapter's weights keyed by where they sit, without the adapter's name:
+        ``<projection path>[.<role>].lora_A`` for LoRA, ``<projection path>.adapter_up.weight`` for a
+        bottleneck adapter after that projection, ``invertible_adapters.F.0.weight``,
+        ``shared_parameters.phm_rule``."""
         out = {}
-        for p in self._adapter(name).placements:
-            key = p.module.replace(f"adapters.{name}", "").replace("..", ".").strip(".")
-            for pname, tensor in self.get_submodule(p.module).named_parameters():
+        for path in self._adapter(name).modules:
+            key = _without_name(path, name)
+            for pname, tensor in self.get_submodule(path).named_parameters():
                 out[f"{key}.{pname}" if key else pname] = tensor
         return out
 
@@ -247,6 +273,68 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                 if bias_path:
                     _set_param(self, bias_path, nn.Parameter(b.to(bias.dtype), requires_grad=False))
 
+    def merge_and_unload(self, *, inplace: bool = False) -> nn.Module:
+        """The model this module was captured from, as a plain module of its own class (e.g.
+        ``BertModel``) with every active adapter merged into its weights: ``save_pretrained``,
+        ``from_pretrained`` and everything downstream work without fxadapt. Inactive adapters are
+        left out.
+
+        Every active adapter must fold into the weights (LoRA, (IA)^3); otherwise
+        :class:`~fxadapt.MergeError` names the one that cannot (a bottleneck adapter, prefix tuning,
+        a gated adapter) and nothing changes.
+
+        - ``inplace=False`` (default): a copy. The merged weights are new tensors, every other
+          tensor is copied; your model and this module stay exactly as they were.
+        - ``inplace=True``: the merged weights are written into your model's own parameters (no copy
+          of the model) and your model is returned. This module shares those parameters, so it drops
+          the merged adapters and goes on computing the same function through the base graph.
+
+        >>> import fxadapt, torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> gm = fxadapt.rewrite(model, fxadapt.LoRAConfig(targets=["0"], selfattn_lora=False))
+        >>> type(gm.merge_and_unload()).__name__
+        'Sequential'
+        """
+        source = self.__dict__.get("_fx_source")
+        if source is None:
+            raise MergeError(f"this {self._fx_model_name} module keeps no reference to the model it was captured from")
+        active, merged = list(self._fx_active), list(self._fx_merged)
+        try:
+            self.merge_adapter([n for n in active if n not in merged])
+        except MergeError as e:
+            raise MergeError(f"{e}; merge_and_unload merges every active adapter: deactivate it first (set_active_adapters)") from None
+        folded = {path: (original, self.get_parameter(path)) for path, original in self._fx_originals.items()}
+        own = {id(p) for _, p in source.named_parameters(remove_duplicate=False)}
+        if any(id(original) not in own for original, _ in folded.values()):
+            self._fx_active, self._fx_merged = active, merged
+            self._refold()
+            self._rebuild()
+            raise MergeError(f"the weights of this module are no longer {self._fx_model_name}'s own parameters; capture the model again")
+        if inplace:
+            with torch.no_grad():
+                for path, (original, value) in folded.items():
+                    original.copy_(value)  # the user's parameter now holds the merged weight
+                    _set_param(self, path, original)
+            self._fx_originals, names, self._fx_merged = {}, self._fx_merged, []
+            for name in names:
+                self.delete_adapter(name)
+            return source
+        self._fx_active, self._fx_merged = active, merged
+        self._refold()
+        self._rebuild()
+        memo = {id(original): nn.Parameter(value.detach(), requires_grad=original.requires_grad) for original, value in folded.values()}
+        return copy.deepcopy(source, memo)
+
+    def eject_prefix_tuning(self, name: str) -> None:
+        """Fold an adapter's prefix generator (Embedding + MLP) into the prefixes it makes, as
+        AdapterHub's ``eject_prefix_tuning``: same outputs, fewer parameters, no MLP at run time."""
+        generators = [self.get_submodule(path) for path in self._adapter(name).shared if hasattr(self.get_submodule(path), "eject")]
+        if not generators:
+            raise AdapterError(f"adapter {name!r} has no prefix tuning to eject")
+        for g in generators:
+            g.eject()
+        self._rebuild()
+
     # -- summary ---------------------------------------------------------------------------
 
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict]:
@@ -257,7 +345,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             params = self._adapter_parameters(name)
             rows.append(SummaryRow(
                 name=name,
-                architecture=METHODS[adapter.placements[0].method].architecture if adapter.placements else adapter.config.architecture,
+                architecture=adapter.config.architecture,
                 params=sum(p.numel() for p in params),
                 active=name in self._fx_active,
                 train=all(p.requires_grad for p in params),
@@ -282,7 +370,23 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         return names
 
     def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [p for pl in self._adapter(name).placements for p in self.get_submodule(pl.module).parameters()]
+        params = {id(p): p for path in self._adapter(name).modules for p in self.get_submodule(path).parameters()}
+        return list(params.values())
+
+    def _check_composable(self, names: list[str], extra: dict[str, _Adapter] | None = None) -> None:
+        """At most one active adapter of an exclusive method (bottleneck, invertible) per place."""
+        adapters = {**self._fx_adapters, **(extra or {})}
+        seen: dict[tuple[str, str], str] = {}
+        for name in names:
+            for p in adapters[name].placements:
+                if not METHODS[p.method].exclusive:
+                    continue
+                for anchor in p.anchors:
+                    other = seen.setdefault((p.method, anchor), name)
+                    if other != name:
+                        where = f"layer {p.block.layer} ({p.block.location})" if p.method == "bottleneck" else "the embedding output"
+                        raise AdapterError(f"adapters {other!r} and {name!r} both put a {p.method} adapter at {where}; "
+                                           "activate one of them at a time")
 
     def _base_parameters(self):
         adapter_ids = {id(p) for name in self._fx_adapters for p in self._adapter_parameters(name)}
@@ -296,11 +400,37 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         return res
 
 
+def _attach_gating_scores(module: AdaptedModule, args: tuple, output):
+    """Forward hook: ``output.adapter_gating_scores`` after a call that asked for them."""
+    recorder = module._fx_gates
+    if not recorder.active:
+        return output
+    recorder.active = False
+    if not hasattr(output, "to_tuple"):
+        raise InputError(f"{module._fx_model_name} returns {type(output).__name__}, not a ModelOutput: it cannot carry adapter_gating_scores")
+    output["adapter_gating_scores"] = recorder.scores()
+    recorder.values.clear()
+    return output
+
+
+def _without_name(path: str, name: str) -> str:
+    """A module path with the adapter's name (and an ``adapters`` container before it) left out."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] == name and parts[i - 1] in ("adapters", "loras", "invertible_adapters", "shared_parameters", "prefix_gates", "prefix_tunings"):
+            drop = {i - 1, i} if parts[i - 1] == "adapters" else {i}
+            return ".".join(p for j, p in enumerate(parts) if j not in drop)
+    return path
+
+
 def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
-    """Forward pre-hook: bind a call with the model's signature to the graph's inputs."""
+    """Forward pre-hook: bind a call with the model's signature to the graph's inputs; turn on the
+    gate recorder for ``output_adapter_gating_scores=True``."""
+    module._fx_gates.values.clear()
+    module._fx_gates.active = bool(kwargs.pop("output_adapter_gating_scores", False))
     spec = module._fx_inputs
     if spec is None:
-        return None
+        return args, kwargs
     if not args and len(kwargs) == len(spec.names) and all(n in kwargs for n in spec.names):
         if torch.compiler.is_compiling():
             return None

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from torch.fx import Graph
 
-from .config import AdapterConfig, LoRAConfig
+from .config import AdapterConfig, BnConfig, ConfigUnion, LoRAConfig, PrefixTuningConfig
 from .errors import ConfigError, SiteError
-from .sites import Linear, Site
+from .sites import Attention, Block, Linear, Site
 
 __all__ = ["Placement", "plan", "annotate"]
 
@@ -21,14 +21,37 @@ META_KEY = "fxadapt"
 
 @dataclass(frozen=True)
 class Placement:
-    """One adapter at one site: the insert pass (``method``), the site, and where its weights live
-    on the graph module (``module``). ``side`` is where (IA)^3 scales: the projection's output or input."""
+    """One adapter at one place: the insert pass (``method``), the Site (projection) or Block
+    (residual block) it works on, and where its weights live on the graph module (``module``).
+    ``side`` is where (IA)^3 scales: the projection's output or input. ``anchor`` names the node
+    the pass rewrites when it is not the site's projection; ``shared`` lists module paths of
+    weights the adapter shares across places (Compacter's PHM rule, the prefix generator)."""
 
     adapter: str
     method: str
-    site: Site
-    module: str
+    site: Site | None
+    module: str | None
     side: str = "output"
+    block: Block | None = None
+    anchor: str | None = None
+    config: AdapterConfig | None = None
+    shared: tuple[str, ...] = ()
+    attention: Attention | None = None
+    layers: int | None = None  # how many layers the model has, for weights sized by it (prefix tuning)
+
+    @property
+    def anchors(self) -> tuple[str, ...]:
+        """The nodes this placement rewrites."""
+        if self.anchor is not None:
+            return (self.anchor,)
+        if self.site is not None:
+            return self.site.linear.nodes
+        return (self.block.output,) if self.block is not None else (self.attention.node,)
+
+    @property
+    def where(self) -> Site | Block | Attention:
+        """The Site, Block or Attention the placement works on."""
+        return self.site or self.block or self.attention
 
 
 def _join(*parts: str) -> str:
@@ -40,13 +63,23 @@ def module_path(name: str, site: Site) -> str:
     return _join(site.path, "adapters", name, site.role if site.columns is not None else "")
 
 
-def plan(name: str, config: AdapterConfig, sites: list[Site], linears: dict[str, Linear], model_name: str = "model") -> list[Placement]:
-    """The placements of adapter ``name`` with ``config`` on a model with these sites."""
+def plan(name: str, config: AdapterConfig, sites: list[Site], linears: dict[str, Linear], model_name: str = "model",
+         blocks: list[Block] = (), attentions: list[Attention] = ()) -> list[Placement]:
+    """The placements of adapter ``name`` with ``config`` on a model with these sites, blocks and attentions."""
+    if isinstance(config, ConfigUnion):
+        return [p for c in config.configs for p in plan(name, c, sites, linears, model_name, blocks, attentions)]
+    if isinstance(config, BnConfig):
+        return _bottleneck_placements(name, config, blocks, model_name)
+    if isinstance(config, PrefixTuningConfig):
+        return _prefix_placements(name, config, attentions, model_name)
     if isinstance(config, LoRAConfig):
-        if config.use_gating:
-            raise ConfigError(f"{type(config).__name__}.use_gating=True: gated LoRA (UniPELT) is not available in this version", field="use_gating", value=True)
+        if config.use_gating and config.composition_mode == "scale":
+            raise ConfigError(f"{type(config).__name__}.use_gating=True: (IA)^3 cannot gate", field="use_gating", value=True)
         chosen = _lora_sites(config, sites, linears, model_name)
-        return [Placement(name, config.method, s, module_path(name, s)) for s in chosen]
+        # (IA)^3 scales the input of the linears named by input_scaling_targets, the output elsewhere.
+        return [Placement(name, config.method, s, module_path(name, s), "input" if config.matches_input_scaling(s.path) else "output",
+                          config=config)
+                for s in chosen]
     raise SiteError(f"{type(config).__name__} has no insert pass in this version of fxadapt")
 
 
@@ -54,7 +87,7 @@ def annotate(graph: Graph, placements: list[Placement]) -> None:
     """Write each placement into the meta of every node that reads its site's weight."""
     by_name = {n.name: n for n in graph.nodes}
     for p in placements:
-        for node_name in p.site.linear.nodes:
+        for node_name in p.anchors:
             by_name[node_name].meta.setdefault(META_KEY, []).append(p)
 
 
@@ -82,11 +115,13 @@ def _lora_sites(config: LoRAConfig, sites: list[Site], linears: dict[str, Linear
         return site.role in roles
 
     chosen = [s for s in sites if wanted(s)]
-    if config.targets is not None:
-        matched = [lin for lin in linears.values() if config.matches_target(lin.path)]
+    for field, matches in (("targets", config.matches_target), ("input_scaling_targets", config.matches_input_scaling)):
+        if getattr(config, field) is None:
+            continue
+        matched = [lin for lin in linears.values() if matches(lin.path)]
         if not matched:
             raise SiteError(
-                f"targets={config.targets!r} matches no linear of {model_name}; its linears: "
+                f"{field}={getattr(config, field)!r} matches no linear of {model_name}; its linears: "
                 + ", ".join(sorted(linears)[:40])
             )
         by_weight = {s.weight: s for s in sites if s.columns is None}
@@ -116,3 +151,71 @@ def _describe(sites: list[Site]) -> str:
     roles = sorted({s.role for s in sites if s.role})
     layers = sorted({s.layer for s in sites if s.layer is not None})
     return f"roles {roles} in layers {layers[0]}..{layers[-1]}" if layers else f"roles {roles}"
+
+
+# Where AdapterHub keeps the PHM rule an adapter shares across layers.
+SHARED = "shared_parameters"
+
+
+def _bottleneck_placements(name: str, config: BnConfig, blocks: list[Block], model_name: str) -> list[Placement]:
+    """One adapter per selected residual block, and the invertible adapter on the embedding output."""
+    if not blocks:
+        raise SiteError(f"{type(config).__name__} needs residual blocks after attention / feed-forward projections; {model_name} has none")
+    wanted = {"mh": config.mh_adapter, "output": config.output_adapter}
+    shared = (f"{SHARED}.{name}",) if config.phm_layer and config.shared_phm_rule else ()
+    placements = []
+    for block in blocks:
+        if not wanted[block.location] or block.layer in config.leave_out:
+            continue
+        _check_sizes(config, block)
+        # The adapter's weights live under the projection that closes its block.
+        placements.append(Placement(name, "bottleneck", None, _join(block.path, "adapters", name), block=block, config=config, shared=shared))
+    if config.inv_adapter:
+        # The first block's residual input is the embedding output.
+        first = blocks[0]
+        placements.append(Placement(name, "invertible", None, _join("invertible_adapters", name), block=first, config=config,
+                                    anchor=first.residual))
+    if not placements:
+        raise SiteError(f"{type(config).__name__} selects no block of {model_name} (leave_out={list(config.leave_out)})")
+    return placements
+
+
+def _check_sizes(config: BnConfig, block: Block) -> None:
+    hidden, factor = block.hidden_size, config.factor(block.layer)
+    down = hidden / factor
+    if down != int(down) or down < 1:
+        raise ConfigError(f"{type(config).__name__}.reduction_factor={factor} does not divide the hidden size {hidden} (layer {block.layer})",
+                          field="reduction_factor", value=factor)
+    if config.phm_layer and (hidden % config.phm_dim or int(down) % config.phm_dim):
+        raise ConfigError(f"{type(config).__name__}.phm_dim={config.phm_dim} must divide the hidden size {hidden} and the bottleneck size {int(down)}",
+                          field="phm_dim", value=config.phm_dim)
+
+
+def _prefix_placements(name: str, config: PrefixTuningConfig, attentions: list[Attention], model_name: str) -> list[Placement]:
+    """One placement per self-attention; one prefix generator shared by all of them."""
+    own = [a for a in attentions if not a.cross]
+    if not own:
+        raise SiteError(f"{type(config).__name__} needs attention with projected keys and values; {model_name} has none")
+    layers = 1 + max(a.layer for a in own)
+    generator = _join("prefix_tunings", name)
+    placements = []
+    for att in own:
+        if att.layer in config.leave_out:
+            continue
+        # Gates live by the attention's projections, as AdapterHub's prefix_gates.
+        parent = att.weight.rpartition(".")[0].rpartition(".")[0]
+        gate = _join(parent, "prefix_gates", name) if config.use_gating else None
+        placements.append(Placement(name, "prefix", None, gate, attention=att, config=config, shared=(generator,), layers=layers))
+    if not placements:
+        raise SiteError(f"{type(config).__name__} selects no attention of {model_name} (leave_out={list(config.leave_out)})")
+    return placements
+
+
+def gate_location(p: Placement) -> str:
+    """AdapterHub's name for where a gate sits: selfattn_lora, mh_adapter, output_adapter, self_prefix."""
+    if p.method == "prefix":
+        return "self_prefix"
+    if p.method == "bottleneck":
+        return f"{p.block.location}_adapter"
+    role = p.site.role if p.site is not None else None
+    return {"ffn_in": "intermediate_lora", "ffn_out": "output_lora"}.get(role, "selfattn_lora")

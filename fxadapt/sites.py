@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 
 from .ops import ACTIVATIONS, CASTS, MATMUL, METADATA, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
 
-__all__ = ["Site", "Linear", "find_sites", "ROLES", "LINEAR_OPS"]
+__all__ = ["Site", "Linear", "Block", "Attention", "analyse", "find_sites", "find_blocks", "find_attentions", "ROLES", "LINEAR_OPS"]
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 _ROLE_ORDER = {r: i for i, r in enumerate(("q", "k", "v", "o", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_in", "ffn_out"))}
@@ -85,25 +85,86 @@ class Site:
         return self.path if self.columns is None else f"{self.path}[{self.role}]"
 
 
+@dataclass(frozen=True)
+class Block:
+    """The residual connection closing an attention block (``location="mh"``, after the ``o``
+    projection) or a feed-forward block (``"output"``, after ``ffn_out``).
+
+    ``add`` is the residual add node, ``residual_arg`` the index of its argument that carries the
+    block's input (the other carries the sublayer output). ``norm`` lists, for a post-LN block
+    (BERT), the nodes of the normalisation applied to the sum, its output last; for a pre-LN block
+    (GPT-2, Llama, ViT) it is empty and the sum is the block's output.
+    """
+
+    layer: int
+    location: str
+    add: str
+    residual_arg: int
+    norm: tuple[str, ...]
+    hidden_size: int
+    path: str  # module path of the projection closing the block (``o`` or ``ffn_out``)
+    weight: str  # its weight
+    residual: str  # the add's residual input node (for the first block: the embedding output)
+
+    @property
+    def output(self) -> str:
+        """The node whose value is the block's output: the norm's last node, or the add."""
+        return self.norm[-1] if self.norm else self.add
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention of the graph, with what a pass needs to extend its keys and values.
+
+    ``kind`` is ``"sdpa"`` (``node`` is the SDPA call) or ``"matmul"`` (``node`` is the
+    probabilities-times-values matmul, ``scores`` the query-times-keys matmul, ``softmax`` between).
+    ``query`` is the query projection node; what it reads is the layer's attention input.
+    """
+
+    layer: int
+    cross: bool
+    kind: str
+    node: str
+    query: str
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    weight: str  # the query projection's weight
+    scores: str | None = None
+    softmax: str | None = None
+
+
 @dataclass
 class _Attention:
     out: Node
     q: Node
     k: Node
     v: Node
-    scores: list[tuple[Node, Node]] = field(default_factory=list)  # (left, right) operands of score matmuls
+    scores: list[tuple[Node, Node, Node]] = field(default_factory=list)  # (left, right, matmul) of score matmuls
+    softmax: Node | None = None
 
 
 def find_sites(gm: GraphModule) -> tuple[list[Site], dict[str, Linear]]:
     """The role sites of a captured graph, sorted by layer and role, and every linear by weight path."""
+    sites, linears, _ = analyse(gm)
+    return sites, linears
+
+
+def find_attentions(gm: GraphModule) -> list[Attention]:
+    """The attentions of a captured graph whose keys come from a projection, in graph order."""
+    return analyse(gm)[2]
+
+
+def analyse(gm: GraphModule) -> tuple[list[Site], dict[str, Linear], list[Attention]]:
+    """Sites, linears and attentions of a captured graph, in one pass of the dataflow analysis."""
     nodes = list(gm.graph.nodes)
     linears, linear_of = _find_linears(gm, nodes)
     attentions = _find_attentions(nodes, linear_of)
     columns = _column_maps(nodes, linear_of)
     origin = _propagate_origins(nodes, linear_of, attentions, columns)
-    sites = _assign_roles(nodes, linears, linear_of, attentions, origin)
+    sites, described = _assign_roles(nodes, linears, linear_of, attentions, origin)
     sites.sort(key=lambda s: (s.layer if s.layer is not None else -1, _ROLE_ORDER.get(s.role, 99), s.path))
-    return sites, linears
+    return sites, linears, described
 
 
 # -- linears ---------------------------------------------------------------------------------
@@ -162,8 +223,8 @@ def _find_attentions(nodes: list[Node], linear_of) -> list[_Attention]:
     return found
 
 
-def _matmul_operands(node: Node) -> tuple[Node, Node]:
-    return (node.args[1], node.args[2]) if op_name(node) == "baddbmm" else (node.args[0], node.args[1])
+def _matmul_operands(node: Node) -> tuple[Node, Node, Node]:
+    return (node.args[1], node.args[2], node) if op_name(node) == "baddbmm" else (node.args[0], node.args[1], node)
 
 
 def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
@@ -192,7 +253,7 @@ def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
             stack.extend(node.all_input_nodes)
     if not scores:
         return None
-    return _Attention(out=out, q=scores[0][0], k=scores[0][1], v=out.args[1], scores=scores)
+    return _Attention(out=out, q=scores[0][0], k=scores[0][1], v=out.args[1], scores=scores, softmax=softmax)
 
 
 # -- columns of fused projections ------------------------------------------------------------
@@ -321,6 +382,7 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin) -> list[Site]:
     # q, k, v: what reaches each attention's operands. Self-attention blocks number the layers.
     att_layer: dict[Node, int] = {}
     cross_atts: set[Node] = set()
+    described: list[Attention] = []
     layer = -1
     for att in attentions:
         q, k, v = _qkv_sources(att, sources, x_of)
@@ -333,6 +395,15 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin) -> list[Site]:
         for role, srcs in (("q", q), ("k", k), ("v", v)):
             for node, cols in srcs.items():
                 add(node, prefix + role, layer, cols)
+        head_dim = _last_dim(att.v)
+        if q and k and head_dim:
+            k_node, k_cols = next(iter(k.items()))
+            width = len(k_cols) if k_cols is not None else linears[linear_of[k_node][0]].out_features
+            q_node = next(iter(q))
+            q_lin = linears[linear_of[q_node][0]]
+            described.append(Attention(layer, cross, "sdpa" if op_name(att.out) in SDPA else "matmul", att.out.name,
+                                       q_node.name, width // head_dim, head_dim, q_lin.in_features, q_lin.weight,
+                                       att.scores[0][2].name if att.scores else None, att.softmax.name if att.softmax else None))
 
     # o: the projection(s) reading an attention's output.
     taken = {w for (w, _) in roles}
@@ -358,7 +429,20 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin) -> list[Site]:
             add(s, "ffn_in", layer)
         taken |= {linear_of[node][0], *(linear_of[s][0] for s in inputs)}
 
-    return _make_sites(roles, linears)
+    return _make_sites(roles, linears), described
+
+
+def sequence_input(node: Node) -> Node:
+    """The (batch, seq, features) tensor a projection reads, before a flattening view (GPT-2's addmm)."""
+    while op_name(node) in MOVEMENT and (example_shape(node) or (0, 0, 0)).__len__() < 3 and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _last_dim(node) -> int | None:
+    shape = example_shape(node) if isinstance(node, Node) else None
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return int(val.shape[-1]) if shape and isinstance(val.shape[-1], int) else (shape[-1] if shape else None)
 
 
 def _qkv_sources(att: _Attention, sources, x_of):
@@ -367,10 +451,11 @@ def _qkv_sources(att: _Attention, sources, x_of):
         # Several score matmuls (DeBERTa's content and position terms): the content term is the
         # one whose keys read the same input as the values.
         v_inputs = {x_of[s] for s in v}
-        for left, right in att.scores:
+        for left, right, matmul in att.scores:
             right_src = sources(right)
             if {x_of[s] for s in right_src} & v_inputs:
                 q, k = sources(left), right_src
+                att.q, att.k, att.scores = left, right, [(left, right, matmul)] + [e for e in att.scores if e[2] is not matmul]
                 break
     return q, k, v
 
@@ -424,3 +509,102 @@ def _as_columns(cols: frozenset[int] | None, width: int) -> Sequence[int] | None
     if ordered[-1] - ordered[0] + 1 == len(ordered):
         return range(ordered[0], ordered[-1] + 1)
     return tuple(ordered)
+
+
+# -- residual blocks -------------------------------------------------------------------------
+
+_BLOCK_LOCATIONS = {"o": "mh", "ffn_out": "output"}
+_SUBLAYER_TAIL = MOVEMENT | {"dropout", "feature_dropout", "alpha_dropout"}
+
+
+def find_blocks(gm: GraphModule, sites: list[Site]) -> list[Block]:
+    """The residual blocks closed by the ``o`` and ``ffn_out`` sites, in graph order.
+
+    A block is post-LN when the next block's residual input is a normalisation of this block's
+    sum; its ``norm`` holds that normalisation's nodes. The last block of a stack takes the style
+    of the others, its normalisation being the chain of nodes every use of the sum runs through.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = []  # (layer, location, add node, residual arg, site)
+    for site in sites:
+        location = _BLOCK_LOCATIONS.get(site.role)
+        if location is None:
+            continue
+        node = by_name[site.linear.nodes[0]]
+        # The sublayer output runs through dropout / reshapes to the residual add.
+        while len(node.users) == 1 and op_name(next(iter(node.users))) in _SUBLAYER_TAIL:
+            node = next(iter(node.users))
+        adds = [u for u in node.users if op_name(u) == "add" and len(u.all_input_nodes) == 2]
+        if len(adds) == 1:
+            add = adds[0]
+            found.append((site.layer, location, add, 1 if add.args[0] is node else 0, site))
+    found.sort(key=lambda f: order[f[2]])
+
+    norms: list[tuple[Node, ...] | None] = []  # None: last block of a stack, decided below
+    for i, (_, _, add, _, _) in enumerate(found):
+        nxt = found[i + 1] if i + 1 < len(found) else None
+        norms.append(_region(add, nxt[2].args[nxt[3]], order) if nxt else None)
+    post_ln = sum(1 for n in norms if n) > sum(1 for n in norms if n == ())
+    blocks = []
+    for (layer, location, add, residual_arg, site), norm in zip(found, norms):
+        if norm is None:
+            norm = _last_norm(add, order) if post_ln else ()
+        blocks.append(Block(layer, location, add.name, residual_arg, tuple(n.name for n in norm if n.users),
+                            site.linear.out_features, site.path, site.weight, add.args[residual_arg].name))
+    return blocks
+
+
+_PASS_THROUGH = MOVEMENT - SELECTING
+
+
+def _region(add: Node, residual: Node, order: dict[Node, int]) -> tuple[Node, ...] | None:
+    """Nodes on the paths from ``add`` to the next block's residual input; () if they only cast or
+    reshape (pre-LN); None if that input does not come from ``add`` (another stack starts)."""
+    if residual is add:
+        return ()
+    forward, frontier = {add}, [add]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in forward and order[user] <= order[residual]:
+                forward.add(user)
+                frontier.append(user)
+    if residual not in forward:
+        return None
+    region, frontier = {residual}, [residual]
+    while frontier:
+        for parent in frontier.pop().all_input_nodes:
+            if parent in forward and parent is not add and parent not in region:
+                region.add(parent)
+                frontier.append(parent)
+    if all(op_name(n) in _PASS_THROUGH for n in region):
+        return ()
+    return tuple(sorted(region, key=order.__getitem__))
+
+
+def _last_norm(add: Node, order: dict[Node, int], limit: int = 64) -> tuple[Node, ...]:
+    """The normalisation after the last post-LN block: up to the furthest node that every use of
+    ``add`` passes through before anything but elementwise and reduction ops."""
+    reached, pending, live = {add}, {add: len(add.users)}, {add}
+    best: tuple[Node, ...] = ()
+    node = add.next
+    for _ in range(limit):
+        if node.op in ("output", "root"):
+            break
+        inputs = [p for p in node.all_input_nodes if p in reached]
+        if inputs:
+            name = op_name(node)
+            if name in SELECTING or name in MATMUL or name in SDPA or name in SOFTMAX or name in LINEAR_OPS:
+                break
+            reached.add(node)
+            for p in inputs:
+                pending[p] -= 1
+                if pending[p] == 0:
+                    live.discard(p)
+            pending[node] = len(node.users)
+            if node.users:
+                live.add(node)
+            if live == {node}:
+                best = tuple(sorted(reached - {add}, key=order.__getitem__))
+        node = node.next
+    return best

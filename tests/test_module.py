@@ -127,9 +127,9 @@ def test_state_errors(bert):
         gm.add_adapter("a", "lora")
     with pytest.raises(fxadapt.AdapterError, match="no adapter 'zz'.*adapters: a"):
         gm.set_active_adapters(["zz"])
-    with pytest.raises(fxadapt.AdapterError, match="Python identifier"):
+    with pytest.raises(fxadapt.AdapterError, match="without '.'"):
         gm.add_adapter("a.b", "lora")
-    with pytest.raises(fxadapt.ConfigError, match="unknown config id 'lorra'; valid ids: lora, ia3"):
+    with pytest.raises(fxadapt.ConfigError, match="unknown config id .lorra.; valid ids: .*lora, ia3"):
         gm.add_adapter("x", "lorra")
     gm.merge_adapter("a")
     with pytest.raises(fxadapt.AdapterError, match="merged"):

@@ -16,10 +16,22 @@ def roberta_base():
     return fxadapt.capture(model)
 
 
-# The rows of the seed's table this issue covers, verbatim.
+# The seed's table, verbatim, in the seed's order (rows of methods fxadapt has).
 SEED_ROWS = {
+    "pfeiffer": "pfeiffer                 bottleneck          894,528       0.718       0       1",
+    "houlsby": "houlsby                  bottleneck        1,789,056       1.435       0       1",
+    "pfeiffer+inv": "pfeiffer+inv             bottleneck        1,190,592       0.955       0       1",
+    "houlsby+inv": "houlsby+inv              bottleneck        2,085,120       1.673       0       1",
+    "compacter++": "compacter++              bottleneck           28,576       0.023       0       1",
+    "compacter": "compacter                bottleneck           57,088       0.046       0       1",
+    "prefix_tuning": "prefix_tuning            prefix_tuning     9,872,384       7.920       0       1",
+    "prefix_tuning_flat": "prefix_tuning_flat       prefix_tuning       552,960       0.444       0       1",
+    "parallel": "parallel                 bottleneck        7,091,712       5.689       0       1",
+    "scaled_parallel": "scaled_parallel          bottleneck        7,091,724       5.690       0       1",
     "lora": "lora                     lora                294,912       0.237       0       1",
     "ia3": "ia3                      lora                 55,296       0.044       0       1",
+    "mam": "mam                      union            22,493,984      18.046       0       1",
+    "unipelt": "unipelt                  union            11,083,376       8.892       0       1",
 }
 SEED_FULL = "Full model                               124,645,632     100.000               1"
 
@@ -33,15 +45,31 @@ def test_seed_table_rows(roberta_base):
         assert lines[0] == "=" * 80
         assert lines[1] == "Name                     Architecture         #Param      %Param  Active   Train"
         assert lines[2] == "-" * 80
-        assert lines[3:5] == [SEED_ROWS["lora"], SEED_ROWS["ia3"]]
-        assert lines[5] == "-" * 80
-        assert lines[6] == SEED_FULL
-        assert lines[7] == "=" * 80
+        n = len(SEED_ROWS)
+        assert lines[3:3 + n] == list(SEED_ROWS.values())
+        assert lines[3 + n] == "-" * 80
+        assert lines[4 + n] == SEED_FULL
+        assert lines[5 + n] == "=" * 80
         rows = gm.adapter_summary(as_dict=True)
-        assert [r["params"] for r in rows] == [294_912, 55_296, 124_645_632]
+        assert rows[-1]["params"] == 124_645_632
     finally:
         for name in SEED_ROWS:
             gm.delete_adapter(name)
+
+
+def test_aliases_give_the_same_counts(roberta_base):
+    gm = roberta_base
+    pairs = [("seq_bn", "pfeiffer"), ("double_seq_bn", "houlsby"), ("par_bn", "parallel"), ("scaled_par_bn", "scaled_parallel"),
+             ("seq_bn_inv", "pfeiffer+inv"), ("double_seq_bn_inv", "houlsby+inv")]
+    for alias, _ in pairs:
+        gm.add_adapter(alias, alias)
+    try:
+        counts = {r["name"]: r["params"] for r in gm.adapter_summary(as_dict=True)}
+        for alias, seed in pairs:
+            assert counts[alias] == int(SEED_ROWS[seed].split()[2].replace(",", ""))
+    finally:
+        for alias, _ in pairs:
+            gm.delete_adapter(alias)
 
 
 def test_active_and_train_columns(roberta_base):

@@ -28,15 +28,17 @@ __all__ = ["Method", "METHODS", "OPTIMIZATIONS", "Emitter", "insert_adapters"]
 
 @dataclass(frozen=True)
 class Method:
-    """An adapter method as data: ``build(site, config, like)`` makes the weights of one placement
-    (``like`` is the site's weight, for device and dtype); ``insert(emitter, placement, weights)``
+    """An adapter method as data: ``build(where, config, like)`` makes the weights of one placement
+    at its Site or Block (``like`` is the projection's weight, for device and dtype); ``insert(emitter, placement, weights)``
     rewrites the graph at the site; ``fold(W, b, placement, weights)`` returns the merged weight and
     bias, or is None for methods that cannot merge."""
 
     architecture: str
-    build: Callable[[Site, Any, torch.Tensor], nn.Module]
+    build: Callable[[Any, Any, torch.Tensor], nn.Module]
     insert: Callable[["Emitter", Placement, nn.Module], None]
     fold: Callable[[torch.Tensor, torch.Tensor | None, Placement, nn.Module], tuple] | None = None
+    exclusive: bool = False  # at most one active adapter of this method per anchor node
+    build_shared: Callable[[Any, list, torch.Tensor], nn.Module] | None = None  # (config, placements, like): weights all share
 
 
 METHODS: dict[str, Method] = {}
@@ -46,19 +48,27 @@ OPTIMIZATIONS: list[Callable[[GraphModule, Graph], None]] = []
 
 
 class Emitter:
-    """Builds the nodes of one site: after the projection in order, or before it for its input."""
+    """Builds the nodes of one anchor: after it in order, or before it for a projection's input.
 
-    def __init__(self, graph: Graph, node: Node):
-        self.graph, self.node = graph, node
-        self.x_index = LINEAR_OPS[op_name(node)][0]
-        self.x: Node = node.args[self.x_index]
+    ``y`` is the anchor's value as rewritten so far; ``finish`` makes the anchor's users read it.
+    At a projection, ``x`` is its input."""
+
+    def __init__(self, graph: Graph, node: Node, by_name: dict[str, Node], cache: dict | None = None):
+        self.graph, self.node, self._by_name = graph, node, by_name
+        self._cache = {} if cache is None else cache
+        spec = LINEAR_OPS.get(op_name(node))
+        self.x_index = spec[0] if spec else None
+        self.x: Node | None = node.args[self.x_index] if spec else None
         self.y: Node = node
+        self.point: Node | None = None  # where ``pre`` inserts; the anchor when None
         self._last = node
         self._created: set[Node] = set()
         self._meta = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta}
 
-    def _new(self, op: str, target, args: tuple, kwargs: dict | None = None, before: bool = False) -> Node:
-        where = self.graph.inserting_before(self.node) if before else self.graph.inserting_after(self._last)
+    def _new(self, op: str, target, args: tuple, kwargs: dict | None = None, before: bool | Node = False) -> Node:
+        if before is True:
+            before = self.node
+        where = self.graph.inserting_before(before) if before is not False else self.graph.inserting_after(self._last)
         with where:
             new = self.graph.create_node(op, target, args, kwargs or {})
         if not before:
@@ -72,6 +82,38 @@ class Emitter:
 
     def attr(self, path: str) -> Node:
         return self._new("get_attr", path, ())
+
+    def module(self, path: str, *args) -> Node:
+        return self._new("call_module", path, args)
+
+    def pre(self, target, *args, **kwargs) -> Node:
+        """A call inserted before the anchor, or before ``self.point`` when set (to rewrite inputs)."""
+        op = "call_module" if isinstance(target, str) else "call_function"
+        return self._new(op, target, args, kwargs, before=self.point or True)
+
+    def prelude(self, key, path: str, *args) -> Node:
+        """A module call at the start of the graph, made once per rebuild and shared by all anchors."""
+        if key not in self._cache:
+            first = next(n for n in self.graph.nodes if n.op != "placeholder")
+            with self.graph.inserting_before(first):
+                self._cache[key] = self.graph.call_module(path, args)
+            self._created.add(self._cache[key])
+        return self._cache[key]
+
+    def named(self, name: str) -> Node:
+        """A node of the graph by name (placements refer to nodes by name)."""
+        return self._by_name[name]
+
+    def copy_nodes(self, names: Sequence[str], replace: dict[Node, Node]) -> Node:
+        """Copy these nodes (in order), reading ``replace[n]`` wherever they read ``n``; the last copy."""
+        mapping = dict(replace)
+        for name in names:
+            old = self._by_name[name]
+            with self.graph.inserting_after(self._last):
+                new = self.graph.node_copy(old, lambda a: mapping.get(a, a))
+            self._created.add(new)
+            self._last = mapping[old] = new
+        return new
 
     def rate(self, p: float) -> Node:
         """The dropout rate ``p`` in training mode, 0 in eval mode."""
@@ -117,13 +159,15 @@ class Emitter:
 
 def insert_adapters(gm: GraphModule, graph: Graph) -> None:
     """Apply every placement annotated in ``graph`` (by ``plan.annotate``), in annotation order."""
+    by_name = {n.name: n for n in graph.nodes}
+    cache: dict = {}
     for node in list(graph.nodes):
         placements = node.meta.pop(META_KEY, None)
         if not placements:
             continue
-        emitter = Emitter(graph, node)
+        emitter = Emitter(graph, node, by_name, cache)
         for p in placements:
-            METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module))
+            METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module) if p.module else None)
         emitter.finish()
 
 
@@ -134,4 +178,7 @@ def columns_tensor(columns: Sequence[int] | None) -> torch.Tensor | None:
     return torch.tensor(list(columns), dtype=torch.long)
 
 
+from . import bottleneck as _bottleneck  # noqa: E402,F401  registers bottleneck and invertible
+from . import prefix as _prefix  # noqa: E402,F401  registers prefix
 from . import lora as _lora  # noqa: E402,F401  registers lora and ia3
+from . import fuse as _fuse  # noqa: E402,F401  registers the graph optimisations (after the methods)

@@ -14,8 +14,9 @@ from torch import nn
 
 from ..config import LoRAConfig
 from ..plan import Placement
-from ..sites import Site
+from ..sites import Site, sequence_input
 from . import METHODS, Emitter, Method, columns_tensor
+from .gating import Gate
 
 aten = torch.ops.aten
 
@@ -32,16 +33,18 @@ def _dtype(config: LoRAConfig, like: torch.Tensor) -> torch.dtype:
 
 
 class LoRAWeights(nn.Module):
-    """``lora_A`` (r, in) and ``lora_B`` (out, r) of one site; ``scaling`` and ``dropout`` from the config."""
+    """``lora_A`` (r, in) and ``lora_B`` (out, r) of one site; rank, ``scaling`` (``rank_pattern`` /
+    ``alpha_pattern`` per module path) and ``dropout`` from the config."""
 
     def __init__(self, site: Site, config: LoRAConfig, like: torch.Tensor):
         super().__init__()
-        self.scaling = config.scaling
+        r = config.rank_for(site.path)
+        self.scaling = config.scaling_for(site.path)
         self.dropout = float(config.dropout)
         self.cast = config.dtype is not None  # adapter dtype chosen apart from the model's: cast around it
         kw = dict(device=like.device, dtype=torch.float32)
-        a = torch.empty(config.r, site.in_features, **kw)
-        b = torch.empty(site.out_features, config.r, **kw)
+        a = torch.empty(r, site.in_features, **kw)
+        b = torch.empty(site.out_features, r, **kw)
         g = _generator(config, site)
         if config.init_weights == "lora":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
@@ -56,6 +59,8 @@ class LoRAWeights(nn.Module):
         self.lora_A = nn.Parameter(a.to(dtype))
         self.lora_B = nn.Parameter(b.to(dtype))
         self.register_buffer("columns", columns_tensor(site.columns), persistent=False)
+        # UniPELT: a gate from the layer input replaces the scaling (as in AdapterHub).
+        self.gate = Gate(site.in_features, 1, init_bias=False).to(like.device, dtype) if config.use_gating else None
 
     def delta(self) -> torch.Tensor:
         """``scaling * B A``, shape (out, in), in float32 or wider."""
@@ -68,7 +73,7 @@ class IA3Weights(nn.Module):
 
     def __init__(self, site: Site, config: LoRAConfig, like: torch.Tensor, features: int | None = None):
         super().__init__()
-        self.scaling = config.scaling
+        self.scaling = config.scaling_for(site.path)
         self.cast = config.dtype is not None
         scale = torch.empty(features or site.out_features, device=like.device, dtype=torch.float32)
         if config.init_weights == "ia3":
@@ -85,7 +90,8 @@ class IA3Weights(nn.Module):
 
 
 def _build_ia3(site: Site, config: LoRAConfig, like: torch.Tensor) -> IA3Weights:
-    return IA3Weights(site, config, like)
+    # plan.py places the linears of input_scaling_targets on the input side: one value per input feature.
+    return IA3Weights(site, config, like, site.in_features if config.matches_input_scaling(site.path) else None)
 
 
 # -- rewrite rules ----------------------------------------------------------------------------
@@ -99,11 +105,21 @@ def insert_lora(e: Emitter, p: Placement, w: LoRAWeights) -> None:
     if w.cast:
         x = e.call(aten.type_as.default, x, a)
     delta = e.call(aten.linear.default, e.call(aten.linear.default, x, a), b)
-    if w.scaling != 1.0:
+    if w.gate is not None:
+        delta = e.call(aten.mul.Tensor, delta, _gate_rows(e, e.module(f"{p.module}.gate", sequence_input(e.x)), e.x))
+    elif w.scaling != 1.0:
         delta = e.call(aten.mul.Tensor, delta, w.scaling)
     if w.cast:
         delta = e.call(aten.type_as.default, delta, e.y)
     e.add_to_columns(delta, p.site, f"{p.module}.columns")
+
+
+def _gate_rows(e: Emitter, gate, x):
+    """A (batch, 1) gate shaped to scale rows of the projection's output (3-D, or GPT-2's flat 2-D)."""
+    x3 = sequence_input(x)
+    if x3 is x:
+        return e.call(aten.view.default, gate, [-1, 1, 1])
+    return e.call(aten.repeat_interleave.self_int, gate, e.call(aten.sym_size.int, x3, 1), 0)
 
 
 def insert_ia3(e: Emitter, p: Placement, w: IA3Weights) -> None:

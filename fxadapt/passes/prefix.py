@@ -1,0 +1,239 @@
+"""Prefix tuning (Li & Liang, 2021), following AdapterHub 1.3.0 (``methods/prefix_tuning.py``).
+
+One generator per adapter makes the prefixes of every layer, ``(layers * 2, kv_heads, P, head_dim)``:
+an Embedding of P positions through an MLP, or (``flat``) the values themselves. At each attention
+the rule puts layer l's prefix before the keys and values, so every query attends to it:
+
+- SDPA: ``k = cat(prefix_k, k)``, ``v = cat(prefix_v, v)`` along the sequence, the mask grows by P
+  visible columns (a causal SDPA gets an explicit mask).
+- matmul-softmax attention (DeBERTa): the keys are extended before the score matmul's own
+  transpose and scaling, the values before the probabilities matmul; score-shaped terms added to
+  the scores (relative position bias, masks) grow by P neutral columns, and the views between
+  the matmuls by P in their last dimension.
+
+Prefixes are batch-free and broadcast over the batch; a gate (UniPELT) scales them per example.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+from torch.fx import Node
+
+from ..config import PrefixTuningConfig
+from ..errors import SiteError
+from ..ops import MATMUL, SOFTMAX, op_name
+from ..plan import Placement
+from ..sites import LINEAR_OPS, Attention, sequence_input
+from . import METHODS, Emitter, Method
+from .bottleneck import Activation
+from .dropout import RATE_MODULE
+from .gating import Gate
+
+aten = torch.ops.aten
+
+
+class PrefixTuning(nn.Module):
+    """AdapterHub's ``PrefixTuning`` (``wte`` + ``control_trans`` MLP) or ``FlatPrefixTuning``
+    (``control_trans`` holds the prefixes): ``forward()`` gives ``(layers * 2, heads, P, head_dim)``."""
+
+    def __init__(self, config: PrefixTuningConfig, hidden: int, layers: int, heads: int, head_dim: int):
+        super().__init__()
+        self.shape = (config.prefix_length, layers * 2, heads, head_dim)
+        width = layers * 2 * heads * head_dim
+        if config.flat:
+            self.control_trans = nn.Parameter(torch.randn(config.prefix_length * width))
+        else:
+            self.wte = nn.Embedding(config.prefix_length, hidden)
+            self.control_trans = nn.Sequential(nn.Linear(hidden, config.bottleneck_size), Activation(config.non_linearity),
+                                               nn.Linear(config.bottleneck_size, width))
+
+    def forward(self) -> torch.Tensor:
+        flat = self.control_trans if isinstance(self.control_trans, nn.Parameter) else self.control_trans(self.wte.weight)
+        return flat.view(self.shape).permute(1, 2, 0, 3)
+
+    def eject(self) -> None:
+        """Fold the MLP into the prefixes it produces (AdapterHub's ``eject_prefix_tuning``)."""
+        if not isinstance(self.control_trans, nn.Parameter):
+            with torch.no_grad():
+                flat = self.control_trans(self.wte.weight).reshape(-1).clone()
+            del self.wte, self.control_trans
+            self.control_trans = nn.Parameter(flat)
+
+
+def _build_gate(attention: Attention, config: PrefixTuningConfig, like: torch.Tensor) -> Gate:
+    return Gate(attention.hidden_size, 1 if config.shared_gating else 2, init_bias=False).to(like.device, like.dtype)
+
+
+def _build_generator(config: PrefixTuningConfig, placements: list[Placement], like: torch.Tensor) -> PrefixTuning:
+    att = placements[0].attention
+    # Every self-attention layer has a slot, left-out ones included (AdapterHub's sizes).
+    return PrefixTuning(config, att.hidden_size, placements[0].layers, att.kv_heads, att.head_dim).to(like.device, like.dtype)
+
+
+def insert_prefix(e: Emitter, p: Placement, gate: Gate | None) -> None:
+    att, config = p.attention, p.config
+    # Matmul attention uses its keys before the anchor (the values matmul): build the prefix there.
+    e.point = _key_consumer(e.named(att.scores), att.head_dim)[0] if att.kind == "matmul" else None
+    pool = e.prelude(("prefix", p.adapter), p.shared[0])
+    # The layer input as the query projection reads it now (after earlier rewrites, e.g. adapters
+    # closing the previous layer).
+    query = e.named(att.query)
+    x = sequence_input(query.args[LINEAR_OPS[op_name(query)][0]])
+    batch = e.pre(aten.sym_size.int, x, 0)
+
+    def prefix(slot: int) -> Node:  # (batch, kv_heads, P, head_dim)
+        t = e.pre(aten.select.int, pool, 0, 2 * att.layer + slot)
+        t = e.pre(aten.expand.default, e.pre(aten.unsqueeze.default, t, 0), [batch, -1, -1, -1])
+        if config.dropout > 0:
+            t = e.pre(aten.dropout.default, t, e.pre(RATE_MODULE, float(config.dropout)), True)
+        return t
+
+    k, v = prefix(0), prefix(1)
+    if gate is not None:
+        g = e.pre(p.module, x)  # (batch, 1 or 2)
+        for_k = e.pre(aten.slice.Tensor, g, 1, 0, 1)
+        for_v = e.pre(aten.slice.Tensor, g, 1, -1, None) if not config.shared_gating else for_k
+        k = e.pre(aten.mul.Tensor, k, e.pre(aten.view.default, for_k, [-1, 1, 1, 1]))
+        v = e.pre(aten.mul.Tensor, v, e.pre(aten.view.default, for_v, [-1, 1, 1, 1]))
+    if att.kind == "sdpa":
+        _extend_sdpa(e, att, k, v, config.prefix_length)
+    else:
+        _extend_matmul(e, att, k, v, config.prefix_length)
+
+
+def _as_layout(e: Emitter, prefix: Node, like: Node, heads: int) -> Node:
+    """The (batch, kv_heads, P, D) prefix in the layout of ``like``: repeated heads (GQA), or
+    batch and heads flattened, as the model holds its keys."""
+    shape = like.meta["val"].shape
+    if len(shape) == 4 and isinstance(shape[1], int) and shape[1] != heads:
+        prefix = e.pre(aten.repeat_interleave.self_int, prefix, shape[1] // heads, 1)
+    if len(shape) == 3:
+        prefix = e.pre(aten.flatten.using_ints, prefix, 0, 1)
+    return prefix
+
+
+def _set_arg(node: Node, index: int, name: str, value) -> None:
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _arg(node: Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _extend_sdpa(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> None:
+    node = e.node
+    q, key, value = node.args[0], node.args[1], node.args[2]
+    new_k = e.pre(aten.cat.default, [_as_layout(e, k, key, att.kv_heads), key], -2)
+    new_v = e.pre(aten.cat.default, [_as_layout(e, v, value, att.kv_heads), value], -2)
+    mask = _arg(node, 3, "attn_mask")
+    if _arg(node, 5, "is_causal", False):
+        # A causal SDPA over a longer key sequence needs its triangle written out, prefix visible.
+        q_len, k_len = e.pre(aten.sym_size.int, q, -2), e.pre(aten.sym_size.int, key, -2)
+        ones = e.pre(aten.ones.default, [q_len, k_len], dtype=torch.bool, device=_device(key))
+        causal = e.pre(aten.tril.default, ones, e.pre(operator.sub, k_len, q_len))
+        visible = e.pre(aten.ones.default, [q_len, p_len], dtype=torch.bool, device=_device(key))
+        _set_arg(node, 3, "attn_mask", e.pre(aten.cat.default, [visible, causal], -1))
+        _set_arg(node, 5, "is_causal", False)
+    elif isinstance(mask, Node):
+        _set_arg(node, 3, "attn_mask", _pad_front(e, mask, p_len, keep=True))
+    _set_arg(node, 1, "key", new_k)
+    _set_arg(node, 2, "value", new_v)
+
+
+def _device(node: Node):
+    val = node.meta.get("val")
+    return val.device if isinstance(val, torch.Tensor) else None
+
+
+def _pad_front(e: Emitter, t: Node, p_len: int, keep: bool) -> Node:
+    """``t`` with ``p_len`` columns put before its last dimension: True where ``keep`` for boolean
+    masks (False otherwise), 0 for additive terms."""
+    val = t.meta["val"]
+    fill = keep if val.dtype == torch.bool else 0.0
+    shape = [e.pre(aten.sym_size.int, t, i) for i in range(val.ndim - 1)] + [p_len]
+    block = e.pre(aten.full.default, shape, fill, dtype=val.dtype, device=val.device)
+    return e.pre(aten.cat.default, [block, t], -1)
+
+
+_SCORE_PREP = frozenset({"transpose", "permute", "div", "mul", "to", "_to_copy", "contiguous", "clone"})
+
+
+def _key_consumer(scores: Node, head_dim: int) -> tuple[Node, Node, bool]:
+    """The keys a score matmul reads, in heads layout ``(..., keys, head_dim)`` before the matmul's
+    own transpose and scaling; the node reading them there; whether that layout is transposed."""
+    keys = str(scores.meta["val"].shape[-1])
+    consumer, key = scores, scores.args[1] if op_name(scores) != "baddbmm" else scores.args[2]
+    while True:
+        shape = key.meta["val"].shape
+        if str(shape[-2]) == keys and shape[-1] == head_dim:
+            return consumer, key, False
+        if op_name(key) in _SCORE_PREP and isinstance(key.args[0], Node) and key.args[0].meta["val"].ndim >= 3:
+            consumer, key = key, key.args[0]
+            continue
+        if str(shape[-1]) == keys and shape[-2] == head_dim:
+            return consumer, key, True
+        raise SiteError(f"prefix tuning cannot follow the keys of attention {scores.name}: layout {tuple(shape)}")
+
+
+def _extend_matmul(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> None:
+    scores, softmax, out = e.named(att.scores), e.named(att.softmax), e.node
+    # Keys: before the score matmul's own transpose and scaling, so the prefix gets them too.
+    consumer, key, transposed = _key_consumer(scores, att.head_dim)
+    prefix_k = _as_layout(e, k, key, att.kv_heads)
+    if transposed:
+        prefix_k = e.pre(aten.transpose.int, prefix_k, -1, -2)
+    new_key = e.pre(aten.cat.default, [prefix_k, key], -1 if transposed else -2)
+    consumer.replace_input_with(key, new_key)
+    value = out.args[1]
+    prefix_v = _as_layout(e, v, value, att.kv_heads)
+    e.point = out
+    out.replace_input_with(value, e.pre(aten.cat.default, [prefix_v, value], -2))
+    # Between the matmuls: terms combined with the scores grow by P neutral columns; views by P.
+    key_len = str(scores.meta["val"].shape[-1])
+    path = _between(scores, softmax) + _between(softmax, out)
+    for node in path:
+        e.point = node
+        name = op_name(node)
+        if name in ("view", "reshape", "_unsafe_view", "expand"):
+            sizes = list(node.args[1])
+            last = sizes[-1]
+            sizes[-1] = e.pre(operator.add, last, p_len) if isinstance(last, Node) else last + p_len
+            node.args = (node.args[0], sizes)
+            continue
+        for operand in node.all_input_nodes:
+            if operand in path or operand is scores or operand is softmax:
+                continue
+            val = operand.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.ndim and str(val.shape[-1]) == key_len:
+                # masked_fill's mask marks what to hide; where's condition what to keep; other terms add.
+                keep = name == "where"
+                node.replace_input_with(operand, _pad_front(e, operand, p_len, keep=keep))
+
+
+def _between(start: Node, stop: Node) -> list[Node]:
+    """Nodes on paths from ``start`` to ``stop`` (both excluded), in graph order."""
+    forward, frontier = set(), [start]
+    while frontier:
+        for user in frontier.pop().users:
+            if user is not stop and user not in forward and op_name(user) not in MATMUL | SOFTMAX:
+                forward.add(user)
+                frontier.append(user)
+    reach, frontier = set(), [stop]
+    while frontier:
+        for parent in frontier.pop().all_input_nodes:
+            if parent in forward and parent not in reach:
+                reach.add(parent)
+                frontier.append(parent)
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    return sorted(reach, key=order.__getitem__)
+
+
+METHODS["prefix"] = Method("prefix_tuning", _build_gate, insert_prefix, exclusive=True, build_shared=_build_generator)

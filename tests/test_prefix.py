@@ -1,0 +1,193 @@
+"""Prefix tuning, ConfigUnion, MAM and UniPELT: placement at every attention, gates and their
+scores, folding the prefix MLP, and what unions refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxadapt
+from conftest import ARCHS, build, captured, inputs_for, reference
+from fxadapt.config import ConfigUnion, IA3Config, LoRAConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
+from fxadapt.testing import assert_outputs_close
+
+SMALL = {
+    "prefix": PrefixTuningConfig(prefix_length=5, bottleneck_size=16),
+    "flat": PrefixTuningConfig(prefix_length=5, flat=True),
+    "mam": MAMConfig(PrefixTuningConfig(prefix_length=4, bottleneck_size=16)),
+    "unipelt": UniPELTConfig(PrefixTuningConfig(prefix_length=3, bottleneck_size=16, use_gating=True)),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", list(SMALL))
+def test_trains_on_every_architecture(arch, method):
+    model, gm = captured(arch)
+    gm.add_adapter("pt", SMALL[method])
+    try:
+        gm.train_adapter("pt")
+        inputs = inputs_for(model)
+        torch.manual_seed(0)
+        out = gm(**inputs)[0]
+        out.float().pow(2).mean().backward()
+        adapter = {id(p) for p in gm._adapter_parameters("pt")}
+        assert {id(p) for p in gm.parameters() if p.grad is not None} == adapter
+        assert gm._adapter_parameters("pt")[0].grad.abs().sum() > 0 or method != "prefix"
+        gm.eval()
+        with torch.no_grad():
+            assert torch.equal(gm(**inputs)[0], gm(**inputs)[0])
+            assert not torch.allclose(gm(**inputs)[0], reference(model, inputs)[0])  # the prefix changes the output
+    finally:
+        gm.delete_adapter("pt")
+        for p in gm.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        gm.eval()
+
+
+class OneLayer(torch.nn.Module):
+    """A pre-LN attention block, written out: the reference for where the prefix goes."""
+
+    def __init__(self, d: int = 16, heads: int = 4, causal: bool = False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.ln = torch.nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, prefix=None):
+        b, s, d = x.shape
+        h = self.ln(x)
+        q, k, v = (m(h).view(b, s, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        if prefix is None:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            k = torch.cat([prefix[0].expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].expand(b, -1, -1, -1), v], dim=2)
+            p = prefix.shape[2]
+            mask = torch.cat([torch.ones(s, p, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], -1) if self.causal else None
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.o(a.transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefix_matches_hand_written_attention(causal):
+    torch.manual_seed(0)
+    model = OneLayer(causal=causal).eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxadapt.rewrite(model, PrefixTuningConfig(prefix_length=3, flat=True), example_inputs=(x,))
+    gm.graph.lint()
+    prefixes = gm.get_submodule("prefix_tunings.prefix_tuning")()  # (layers * 2, heads, P, head_dim)
+    assert prefixes.shape == (2, 4, 3, 4)
+    torch.testing.assert_close(gm(x), model(x, prefixes.detach()))
+    assert not torch.allclose(gm(x), model(x))
+
+
+def test_prefix_longer_than_the_position_limit():
+    model, gm = captured("gpt2")  # n_positions = 64
+    gm.add_adapter("long", PrefixTuningConfig(prefix_length=100, bottleneck_size=8), set_active=True)
+    try:
+        with torch.no_grad():
+            out = gm(**inputs_for(model, seq=60))
+        assert out.last_hidden_state.shape == (3, 60, 32)
+    finally:
+        gm.delete_adapter("long")
+
+
+def test_causal_sdpa_without_a_mask_gets_the_same_prefix_attention():
+    model = build("llama")
+    ids = inputs_for(model, pad=False)["input_ids"]
+    with_mask = fxadapt.capture(model)
+    without = fxadapt.capture(model, example_kwargs={"input_ids": ids})
+    for gm in (with_mask, without):
+        gm.add_adapter("p", PrefixTuningConfig(prefix_length=3, flat=True, init_weights_seed=0), set_active=True)
+    with torch.no_grad():
+        without.get_submodule("prefix_tunings.p").control_trans.copy_(with_mask.get_submodule("prefix_tunings.p").control_trans)
+        torch.testing.assert_close(without(input_ids=ids).logits, with_mask(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+
+
+def test_eject_folds_the_mlp_into_flat_prefixes():
+    model, gm = captured("deberta-v2")
+    gm.add_adapter("pt", PrefixTuningConfig(prefix_length=6, bottleneck_size=16), set_active=True)
+    try:
+        inputs = inputs_for(model)
+        with torch.no_grad():
+            before = gm(**inputs)[0]
+            gm.eject_prefix_tuning("pt")
+            after = gm(**inputs)[0]
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+        params = gm._adapter_parameters("pt")
+        assert len(params) == 1 and params[0].numel() == 6 * 2 * 2 * 4 * 8  # P x layers x (k, v) x heads x head_dim
+        with pytest.raises(fxadapt.AdapterError, match="no prefix tuning"):
+            gm.add_adapter("l", "lora")
+            gm.eject_prefix_tuning("l")
+    finally:
+        gm.delete_adapter("pt")
+        if "l" in gm.adapters:
+            gm.delete_adapter("l")
+
+
+def test_gating_scores_are_reported_on_request_only():
+    model, gm = captured("roberta")
+    gm.add_adapter("u", SMALL["unipelt"], set_active=True)
+    try:
+        inputs = inputs_for(model)
+        with torch.no_grad():
+            plain = gm(**inputs)
+            scored = gm(**inputs, output_adapter_gating_scores=True)
+        assert "adapter_gating_scores" not in plain
+        torch.testing.assert_close(scored.last_hidden_state, plain.last_hidden_state, rtol=0, atol=0)
+        scores = scored.adapter_gating_scores["u"]
+        assert sorted(scores) == [0, 1]
+        assert sorted(scores[0]) == ["output_adapter", "self_prefix", "selfattn_lora"]
+        assert scores[0]["selfattn_lora"].shape == (3, 2)  # q and v gates, one column each
+        assert scores[0]["self_prefix"].shape == (3,) and scores[0]["output_adapter"].shape == (3,)
+        assert all(0 < v.min() and v.max() < 1 for layer in scores.values() for v in layer.values())
+    finally:
+        gm.delete_adapter("u")
+
+
+def test_union_errors_say_which():
+    with pytest.raises(fxadapt.ConfigError, match="SeqBnConfig and ParBnConfig both put a bottleneck adapter at output"):
+        ConfigUnion(SeqBnConfig(), ParBnConfig())
+    with pytest.raises(fxadapt.ConfigError, match="PrefixTuningConfig and PrefixTuningConfig both put prefix_tuning"):
+        ConfigUnion(PrefixTuningConfig(), PrefixTuningConfig(flat=True))
+    with pytest.raises(fxadapt.ConfigError, match="IA3Config cannot gate"):
+        ConfigUnion(LoRAConfig(), IA3Config(use_gating=True))
+    ConfigUnion(LoRAConfig(attn_matrices=["q"]), LoRAConfig(attn_matrices=["v"]))  # different places: fine
+
+
+def test_union_adapters_do_not_merge_and_summarise_as_union():
+    _, gm = captured("bert")
+    gm.add_adapter("mam", SMALL["mam"])
+    try:
+        assert "mam                      union" in gm.adapter_summary()
+        with pytest.raises(fxadapt.MergeError):
+            gm.merge_adapter("mam")
+    finally:
+        gm.delete_adapter("mam")
+
+
+def test_one_prefix_per_attention_at_a_time():
+    _, gm = captured("bert")
+    gm.add_adapter("a", SMALL["prefix"], set_active=True)
+    gm.add_adapter("b", SMALL["flat"])
+    try:
+        with pytest.raises(fxadapt.AdapterError, match="both put a prefix adapter"):
+            gm.set_active_adapters(["a", "b"])
+    finally:
+        gm.delete_adapter("a")
+        gm.delete_adapter("b")
+
+
+def test_compiles_whole_with_prefix_and_gates():
+    import torch._dynamo
+    model, gm = captured("bert")
+    gm.add_adapter("u", SMALL["unipelt"], set_active=True)
+    try:
+        inputs = inputs_for(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            assert_outputs_close(compiled(**inputs), gm(**inputs), rtol=1e-5, atol=1e-6)
+    finally:
+        gm.delete_adapter("u")
