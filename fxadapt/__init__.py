@@ -5,8 +5,8 @@ found from the graph's dataflow; passes insert adapters there; a merge pass fold
 into the weights.
 
 >>> import fxadapt
->>> sorted(fxadapt.CONFIGS)[:2]
-['ia3', 'lora']
+>>> fxadapt.CONFIGS["pfeiffer"].reduction_factor
+16
 """
 
 from __future__ import annotations
@@ -17,8 +17,33 @@ from torch import nn
 
 from . import errors
 from .capture import capture
-from .config import CONFIGS, AdapterConfig, IA3Config, LoRAConfig, config_id, resolve_config
-from .errors import AdapterError, CaptureError, ConfigError, DrawError, ExportError, FxAdaptError, InputError, MergeError, SiteError
+from .config import (
+    CONFIGS,
+    AdapterConfig,
+    BnConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    ConfigUnion,
+    DoubleSeqBnConfig,
+    DoubleSeqBnInvConfig,
+    HoulsbyConfig,
+    HoulsbyInvConfig,
+    IA3Config,
+    LoRAConfig,
+    MAMConfig,
+    ParallelConfig,
+    ParBnConfig,
+    PfeifferConfig,
+    PfeifferInvConfig,
+    PrefixTuningConfig,
+    SeqBnConfig,
+    SeqBnInvConfig,
+    UniPELTConfig,
+    config_id,
+    resolve_config,
+)
+from .errors import (AdapterError, CaptureError, CheckpointError, ConfigError, DrawError, ExportError, FxAdaptError, InputError,
+                     MergeError, SiteError)
 from .draw import draw
 from .export import export
 from .module import AdaptedModule
@@ -30,8 +55,26 @@ __all__ = [
     "AdaptedModule",
     "AdapterConfig",
     "AdapterError",
+    "BnConfig",
     "CONFIGS",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
+    "ConfigUnion",
+    "DoubleSeqBnConfig",
+    "DoubleSeqBnInvConfig",
+    "HoulsbyConfig",
+    "HoulsbyInvConfig",
+    "MAMConfig",
+    "ParBnConfig",
+    "ParallelConfig",
+    "PfeifferConfig",
+    "PfeifferInvConfig",
+    "PrefixTuningConfig",
+    "SeqBnConfig",
+    "SeqBnInvConfig",
+    "UniPELTConfig",
     "CaptureError",
+    "CheckpointError",
     "ConfigError",
     "DrawError",
     "ExportError",

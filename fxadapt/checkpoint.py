@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import DTYPES, AdapterConfig, IA3Config, LoRAConfig
+from .config import DTYPES, AdapterConfig, BnConfig, ConfigUnion, IA3Config, LoRAConfig, PrefixTuningConfig
 from .errors import AdapterError, CheckpointError, ConfigError, SiteError
 from .plan import Placement, plan
 
@@ -83,10 +83,10 @@ class AdapterHubCheckpoint:
     weights_path: str
     key_mapping: dict[str, str] | None = None
 
-    def make_config(self, cls: type[AdapterConfig], **fields: Any) -> AdapterConfig:
-        """``cls(**fields)``, a ConfigError turned into a CheckpointError naming the config file."""
+    def make_config(self, cls: type[AdapterConfig], *args: Any, **fields: Any) -> AdapterConfig:
+        """``cls(*args, **fields)``, a ConfigError turned into a CheckpointError naming the config file."""
         try:
-            return cls(**fields)
+            return cls(*args, **fields)
         except (ConfigError, TypeError) as e:
             raise CheckpointError(f"{self.config_path}: AdapterHub config cannot be used: {e}", path=self.config_path) from e
 
@@ -229,7 +229,9 @@ def resolve_module(gm: AdaptedModule, path: str, key_mapping: dict[str, str] | N
 
 def state_key(placement: Placement, name: str, param: str) -> str:
     """The ``adapter_state_dict`` key of a placement's parameter (``<module path>[.<role>].<param>``)."""
-    key = placement.module.replace(f"adapters.{name}", "").replace("..", ".").strip(".")
+    from .module import _without_name
+
+    key = _without_name(placement.module, name)
     return f"{key}.{param}" if key else param
 
 
@@ -297,7 +299,7 @@ def _read_adapterhub(gm: AdaptedModule, directory: str, key_mapping) -> Converte
     config = meta.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: AdapterHub's config must be an object, got {config!r}", path=path)
-    architecture = config.get("architecture")
+    architecture = config.get("architecture") or "bottleneck"  # AdapterHub's bottleneck configs leave it unset
     converter = ADAPTERHUB_CONVERTERS.get(architecture)
     if converter is None:
         raise CheckpointError(f"{path}: no converter for AdapterHub architecture {architecture!r} "
@@ -316,12 +318,12 @@ def _adapterhub_lora(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted
     for (IA)^3 ``lora_B`` (out, 1). A fused projection (GPT-2's ``c_attn``) stores its roles' parts
     stacked in column order: A's rows and B's rows split evenly between fxadapt's per-role sites."""
     c = ckpt.config
-    for name, off in (("use_gating", False), ("use_dora", False), ("vera_d", None), ("vera_b", None)):
+    for name, off in (("use_dora", False), ("vera_d", None), ("vera_b", None)):
         if c.get(name, off) != off:
             raise CheckpointError(f"{ckpt.config_path}: AdapterHub LoRA option {name}={c[name]!r} is not supported", path=ckpt.config_path)
     ia3 = c.get("composition_mode") == "scale"
     cls = IA3Config if ia3 else LoRAConfig
-    known = {f.name for f in dataclasses.fields(cls)} - {"use_gating"}
+    known = {f.name for f in dataclasses.fields(cls)}
     config = ckpt.make_config(cls, **{k: v for k, v in c.items() if k in known})
     grouped, rest = ckpt.modules(gm, "loras")
     placements = ckpt.plan(gm, config)
@@ -349,6 +351,115 @@ def _adapterhub_lora(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted
                 k = key if p is None else state_key(p, "adapter", ours)
                 tensors[k], sources[k] = chunk, key
     return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+
+
+def _bottleneck_key(key: str, name: str, blocks: dict[tuple[int, str], Placement]) -> str:
+    for container in ("invertible_adapters", "shared_parameters"):
+        _, sep, param = key.partition(f"{container}.{name}.")
+        if sep:
+            return f"{container}.{param}"
+    _, sep, param = f".{key}".partition(f".adapters.{name}.")
+    p = blocks.get(_layer_and_location(key, "adapters")) if sep else None
+    return state_key(p, "adapter", param) if p is not None else key
+
+
+def _layer_and_location(key: str, container: str) -> tuple[int | None, str]:
+    """AdapterHub's bottleneck keys name the layer by its index and the block by "attention" in
+    the path before the container (``encoder.layer.0.attention.output.adapters``,
+    ``h.0.attention_adapters.adapters``) or not (``encoder.layer.0.output.adapters``)."""
+    before = key.split(f".{container}.")[0].split(".")
+    layer = next((int(part) for part in before if part.isdigit()), None)
+    return layer, "mh" if any("attention" in part for part in before) else "output"
+
+
+def _plan(gm: AdaptedModule, ckpt: AdapterHubCheckpoint, config: AdapterConfig) -> list[Placement]:
+    try:
+        return plan("adapter", config, gm._fx_sites, gm._fx_linears, gm._fx_model_name, gm._fx_blocks, gm._fx_attentions)
+    except (ConfigError, SiteError) as e:
+        raise CheckpointError(f"{ckpt.config_path}: the adapter does not fit {gm._fx_model_name}: {e}", path=ckpt.config_path) from e
+
+
+def _fields(cls: type[AdapterConfig], config: dict[str, Any]) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in config.items() if k in known}
+
+
+@register_adapterhub_converter("bottleneck")
+def _adapterhub_bottleneck(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub bottleneck adapters: ``<block>.adapters.<name>.<param>`` by layer and block
+    (the same parameter names as fxadapt's), ``invertible_adapters.<name>.<param>`` and the
+    Compacter rule ``shared_parameters.<name>.phm_rule``."""
+    config = ckpt.make_config(BnConfig, **_fields(BnConfig, ckpt.config))
+    placements = _plan(gm, ckpt, config)
+    blocks = {(p.block.layer, p.block.location): p for p in placements if p.method == "bottleneck"}
+    tensors, sources = {}, {}
+    for key, tensor in ckpt.tensors.items():
+        ours = _bottleneck_key(key, ckpt.name, blocks)
+        tensors[ours], sources[ours] = tensor, key
+    if config.phm_layer and config.shared_phm_rule and not any(k.startswith("shared_parameters.") for k in tensors):
+        # AdapterHub 1.3.0's save_adapter leaves the shared rule out of the file (its own loading
+        # then starts from a new one too): say so, and start from AdapterHub's initialisation.
+        warnings.warn(f"{ckpt.weights_path} has no Compacter PHM rule (shared_parameters.{ckpt.name}.phm_rule): AdapterHub 1.3.0 "
+                      "does not save it. The adapter starts from a new rule, so its outputs differ from the saved model's; "
+                      "load the rule you trained with into adapter_state_dict()['shared_parameters.phm_rule']", stacklevel=4)
+        with torch.random.fork_rng(devices=[]):
+            n = config.phm_dim
+            tensors["shared_parameters.phm_rule"] = torch.empty(n, n, n).normal_(0, config.phm_init_range)
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+
+
+@register_adapterhub_converter("prefix_tuning")
+def _adapterhub_prefix(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub prefix tuning: the generator ``prefix_tuning.prefix_tunings.<name>.self_prefix.<param>``
+    (its aliases under every attention's ``prefix_tuning.pool`` are the same tensors) and the
+    gates ``<attention>.prefix_tuning.prefix_gates.<name>.<param>``, by layer."""
+    config = ckpt.make_config(PrefixTuningConfig, **_fields(PrefixTuningConfig, ckpt.config))
+    gates = {p.attention.layer: p for p in _plan(gm, ckpt, config) if p.module is not None}
+    tensors, sources = {}, {}
+    for key, tensor in ckpt.tensors.items():
+        if ".pool." in key:
+            continue
+        _, sep, param = key.partition(f"prefix_tunings.{ckpt.name}.self_prefix.")
+        if sep:
+            ours = f"prefix_tunings.{param}"
+        else:
+            _, sep, param = key.partition(f"prefix_gates.{ckpt.name}.")
+            p = gates.get(_layer_and_location(key, "prefix_tuning")[0]) if sep else None
+            ours = state_key(p, "adapter", param) if p is not None else key
+        if "cross_prefix" in key:
+            raise CheckpointError(f"{ckpt.weights_path}: tensor {key}: cross-attention prefixes are not supported",
+                                  path=ckpt.weights_path, tensor=key)
+        tensors[ours], sources[ours] = tensor, key
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+
+
+@register_adapterhub_converter("union")
+def _adapterhub_union(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub ConfigUnion (MAM, UniPELT): each part's converter on its own tensors."""
+    configs, tensors, sources = [], {}, {}
+    for part in ckpt.config.get("configs", []):
+        architecture = part.get("architecture") or "bottleneck"
+        mine = {k: t for k, t in ckpt.tensors.items() if _owner_of(k, ckpt.name) == architecture}
+        converted = ADAPTERHUB_CONVERTERS[architecture](gm, dataclasses.replace(ckpt, config=part, tensors=mine))
+        configs.append(converted.config)
+        tensors.update(converted.tensors)
+        sources.update(converted.sources)
+    leftover = [k for k in ckpt.tensors if _owner_of(k, ckpt.name) is None]
+    if leftover:
+        raise CheckpointError(f"{ckpt.weights_path}: unexpected tensor {leftover[0]}", path=ckpt.weights_path, tensor=leftover[0])
+    config = ckpt.make_config(ConfigUnion, *configs)
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+
+
+def _owner_of(key: str, name: str) -> str | None:
+    """Which method of a union an AdapterHub tensor belongs to, by its container."""
+    if f"loras.{name}." in key:
+        return "lora"
+    if f"prefix_tunings.{name}." in key or f"prefix_gates.{name}." in key:
+        return "prefix_tuning"
+    if f"adapters.{name}." in key or f"shared_parameters.{name}." in key:
+        return "bottleneck"
+    return None
 
 
 # -- writers ------------------------------------------------------------------------------------

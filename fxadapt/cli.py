@@ -47,6 +47,7 @@ def _load(path: str):
     import transformers
 
     _model_dir(path)
+    transformers.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         names = getattr(config, "architectures", None) or []
@@ -65,6 +66,7 @@ def _check_configs(ids: Sequence[str]) -> list[str]:
 
 
 def _adapted(model_dir: str, configs: Sequence[str], *, active: bool):
+    """The captured model with these configs added as adapters named by their ids."""
     configs = _check_configs(configs)
     gm = fxadapt.capture(_load(model_dir))
     for config_id in configs:
@@ -76,25 +78,28 @@ def _adapted(model_dir: str, configs: Sequence[str], *, active: bool):
 
 def _with_adapter(model_dir: str, adapter_dir: str | None):
     """The captured model, with the adapter in ``adapter_dir`` loaded and active (if given)."""
+    _model_dir(model_dir)
     if adapter_dir is not None and not os.path.isdir(adapter_dir):
         raise CliError(f"adapter directory {adapter_dir!r} does not exist")
-    gm = fxadapt.capture(_load(model_dir))
+    model = _load(model_dir)
+    gm = fxadapt.capture(model)
     name = gm.load_adapter(adapter_dir, set_active=True) if adapter_dir else None
-    return gm, name
+    return model, gm, name
 
 
 # -- commands ----------------------------------------------------------------------------------
 
 
 def cmd_sites(args) -> None:
-    gm = fxadapt.capture(_load(args.model_dir))
+    model = _load(args.model_dir)
+    gm = fxadapt.capture(model)
     rows = [(str(s.layer), s.role or "-", s.path, f"{s.in_features}x{s.out_features}") for s in gm.sites()]
     header = ("layer", "role", "module", "shape (in x out)")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     layers = len({s.layer for s in gm.sites() if s.layer is not None})
-    print(f"\n{len(rows)} sites in {layers} layers of {type(gm.__dict__.get('_fx_source')).__name__}")
+    print(f"\n{len(rows)} sites in {layers} layers of {type(model).__name__}")
 
 
 def cmd_summary(args) -> None:
@@ -105,7 +110,7 @@ def cmd_merge(args) -> None:
     out = args.out_dir
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         raise CliError(f"output directory {out!r} is not empty (use --force to write into it)")
-    gm, name = _with_adapter(args.model_dir, args.adapter_dir)
+    _, gm, name = _with_adapter(args.model_dir, args.adapter_dir)
     model = gm.merge_and_unload(inplace=True)  # the model was loaded for this command alone
     model.save_pretrained(out)
     copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.model_dir, f))]
@@ -122,7 +127,7 @@ def cmd_export(args) -> None:
     adapter_dir, out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
     if not out.endswith((".pt2", ".onnx")):
         raise CliError(f"{out!r}: the output file must end in .pt2 or .onnx")
-    gm, name = _with_adapter(args.model_dir, adapter_dir)
+    model, gm, name = _with_adapter(args.model_dir, adapter_dir)
     how = ""
     if name is not None:
         try:
@@ -131,10 +136,12 @@ def cmd_export(args) -> None:
         except fxadapt.MergeError:
             how = f" with adapter {name!r} as graph nodes (it cannot be merged)"
     fxadapt.export(gm, out)
-    print(f"wrote {out}: {type(gm.__dict__.get('_fx_source')).__name__}{how}")
+    print(f"wrote {out}: {type(model).__name__}{how}")
 
 
 def cmd_graph(args) -> None:
+    if not args.output.lower().endswith((".png", ".svg")):
+        raise CliError(f"{args.output!r}: the picture must be a .png or .svg file")
     gm = _adapted(args.model_dir, args.config, active=True)
     path = fxadapt.draw(gm, args.output)
     print(f"wrote {path}")
@@ -171,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.func(args)
-    except (CliError, fxadapt.FxAdaptError) as e:
+    except (CliError, fxadapt.FxAdaptError, OSError) as e:
         print(f"fxadapt {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -76,7 +76,7 @@ def collapse(gm: AdaptedModule) -> list[Box]:
         elif node.op == "output":
             box = Box("out", "output", "output", n_layers, order)
         elif node.name in sites:
-            here = sorted(sites[node.name], key=lambda s: s.role)
+            here = sites[node.name]  # several for a fused projection, in gm.sites() order (q, k, v)
             layer = here[0].layer
             roles = ",".join(s.role for s in here)
             box = Box(f"site:{node.name}", "site", f"{roles}\n{here[0].path.rsplit('.', 1)[-1]}", layer, order, here[0].role)

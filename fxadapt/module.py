@@ -133,6 +133,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         config = resolve_config(config)
         if not isinstance(name, str) or not name or "." in name or not name.isprintable() or " " in name:
             raise AdapterError(f"adapter name must be a non-empty string without '.' or spaces (it names parameters), got {name!r}")
+        if hasattr(nn.ModuleDict(), name):
+            raise AdapterError(f"adapter name {name!r} is taken by torch.nn.Module itself (it names submodules); choose another")
         if name in self._fx_adapters:
             raise AdapterError(f"{self._fx_model_name} already has an adapter named {name!r}; delete_adapter({name!r}) first")
         placements = plan(name, config, self._fx_sites, self._fx_linears, self._fx_model_name, self._fx_blocks, self._fx_attentions)
@@ -322,7 +324,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         self._fx_active, self._fx_merged = active, merged
         self._refold()
         self._rebuild()
-        memo = {id(original): nn.Parameter(value.detach(), requires_grad=original.requires_grad) for original, value in folded.values()}
+        # cloned: a fold may return the original tensor itself (a bias that LoRA leaves as it is)
+        memo = {id(original): nn.Parameter(value.detach().clone(), requires_grad=original.requires_grad) for original, value in folded.values()}
         return copy.deepcopy(source, memo)
 
     def eject_prefix_tuning(self, name: str) -> None:
@@ -418,7 +421,7 @@ def _without_name(path: str, name: str) -> str:
     parts = path.split(".")
     for i in range(1, len(parts)):
         if parts[i] == name and parts[i - 1] in ("adapters", "loras", "invertible_adapters", "shared_parameters", "prefix_gates", "prefix_tunings"):
-            drop = {i - 1, i} if parts[i - 1] == "adapters" else {i}
+            drop = {i - 1, i} if parts[i - 1] in ("adapters", "loras") else {i}
             return ".".join(p for j, p in enumerate(parts) if j not in drop)
     return path
 

@@ -59,8 +59,9 @@ def _join(*parts: str) -> str:
 
 
 def module_path(name: str, site: Site) -> str:
-    """Attribute path of an adapter's weights at a site: ``<module path>.adapters.<name>[.<role>]``."""
-    return _join(site.path, "adapters", name, site.role if site.columns is not None else "")
+    """Attribute path of LoRA / (IA)^3 weights at a site: ``<module path>.loras.<name>[.<role>]``
+    (AdapterHub's container names: ``loras`` here, ``adapters`` for bottleneck adapters)."""
+    return _join(site.path, "loras", name, site.role if site.columns is not None else "")
 
 
 def plan(name: str, config: AdapterConfig, sites: list[Site], linears: dict[str, Linear], model_name: str = "model",

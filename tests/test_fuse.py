@@ -148,7 +148,7 @@ def test_check_merged_accepts_merged_graphs_only():
     perturb_(gm.get_submodule("encoder"), std=0.0)
     with pytest.raises(fxadapt.MergeError, match="adapter node"):
         check_merged(gm)
-    assert any(".adapters.lora." in str(n.target) for n in adapter_nodes(gm))
+    assert any(".loras.lora." in str(n.target) for n in adapter_nodes(gm))
     gm.merge_adapter(["lora", "ia3"])
     assert adapter_nodes(gm) == []
     check_merged(gm, base)

@@ -66,12 +66,12 @@ def test_train_adapter_freezes_everything_else(bert):
     gm.train_adapter("a", also=["pooler"])
     assert gm.training and gm.active_adapters == ["a"]
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in gm.named_parameters() if ".adapters.a." in n or n.startswith("pooler.")}
+    assert trainable == {n for n, _ in gm.named_parameters() if ".loras.a." in n or n.startswith("pooler.")}
     inputs = inputs_for(model)
     out = gm(**inputs)
     out.last_hidden_state.sum().backward()
     grads = {n for n, p in gm.named_parameters() if p.grad is not None}
-    assert grads == {n for n in trainable if ".adapters.a." in n}  # pooler is not on the path to last_hidden_state
+    assert grads == {n for n in trainable if ".loras.a." in n}  # pooler is not on the path to last_hidden_state
     assert all(".lora_" in n for n in grads)
     # The base parameters are the model's own: it sees them frozen too (documented, as in PEFT).
     assert not model.embeddings.word_embeddings.weight.requires_grad
@@ -84,8 +84,8 @@ def test_merge_never_writes_into_the_users_model(bert):
     original = copy.deepcopy(model.state_dict())
     gm.add_adapter("a", "lora", set_active=True)
     gm.add_adapter("b", "ia3", set_active=True)
-    perturb_(gm.get_submodule("encoder.layer.0.attention.self.query.adapters"))
-    perturb_(gm.get_submodule("encoder.layer.0.attention.self.key.adapters"))
+    perturb_(gm.get_submodule("encoder.layer.0.attention.self.query.loras"))
+    perturb_(gm.get_submodule("encoder.layer.0.attention.self.key.loras"))
     weight = gm.get_parameter("encoder.layer.0.attention.self.query.weight")
     assert weight is model.encoder.layer[0].attention.self.query.weight
     gm.merge_adapter(["a", "b"])
@@ -106,7 +106,7 @@ def test_merged_graph_is_the_base_graph(bert):
     assert len(gm.graph.nodes) > len(base_targets)
     gm.merge_adapter("a")
     assert [n.target for n in gm.graph.nodes] == base_targets
-    assert not any(".adapters." in str(n.target) for n in gm.graph.nodes)
+    assert not any(".loras." in str(n.target) for n in gm.graph.nodes)
 
 
 def test_delete_adapter_removes_its_weights(bert):
@@ -117,7 +117,7 @@ def test_delete_adapter_removes_its_weights(bert):
     gm.delete_adapter("a")
     assert len(list(gm.parameters())) == n_params
     assert gm.adapters == {} and gm.active_adapters == [] and gm.merged_adapters == []
-    assert not any("adapters" in n for n, _ in gm.named_modules())
+    assert not any("loras" in n for n, _ in gm.named_modules())
 
 
 def test_state_errors(bert):
@@ -129,6 +129,8 @@ def test_state_errors(bert):
         gm.set_active_adapters(["zz"])
     with pytest.raises(fxadapt.AdapterError, match="without '.'"):
         gm.add_adapter("a.b", "lora")
+    with pytest.raises(fxadapt.AdapterError, match="taken by torch.nn.Module"):
+        gm.add_adapter("half", "lora")
     with pytest.raises(fxadapt.ConfigError, match="unknown config id .lorra.; valid ids: .*lora, ia3"):
         gm.add_adapter("x", "lorra")
     gm.merge_adapter("a")

@@ -51,8 +51,8 @@ def test_lora_matches_hand_written_formula():
     x = torch.randn(5, 8)
     cfg = fxadapt.LoRAConfig(r=2, alpha=6, targets=["0", "2"], selfattn_lora=False)
     gm = rewrite(model, cfg, x)
-    perturb_(gm.get_submodule("0.adapters.lora"))
-    perturb_(gm.get_submodule("2.adapters.lora"), seed=1)
+    perturb_(gm.get_submodule("0.loras.lora"))
+    perturb_(gm.get_submodule("2.loras.lora"), seed=1)
     sd = gm.adapter_state_dict("lora")
     s = cfg.alpha / cfg.r
 
@@ -113,10 +113,10 @@ def test_new_nodes_carry_the_site_module_stack():
     import transformers as T
     model = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)).eval()
     gm = fxadapt.rewrite(model, "lora")
-    new = [n for n in gm.graph.nodes if n.op == "get_attr" and ".adapters.lora." in n.target]
+    new = [n for n in gm.graph.nodes if n.op == "get_attr" and ".loras.lora." in n.target]
     assert len(new) == 4
     for n in new:
-        path = n.target.split(".adapters.")[0]
+        path = n.target.split(".loras.")[0]
         assert list(n.meta["nn_module_stack"].values())[-1][0] == path
     for n in new:
         assert all("nn_module_stack" in u.meta for u in n.users)
@@ -140,7 +140,7 @@ def test_adapter_dtype_casts_around_the_adapter():
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     gm = rewrite(model, fxadapt.LoRAConfig(targets=["0"], selfattn_lora=False, dtype="float32"), x)
-    assert gm.get_submodule("0.adapters.lora").lora_A.dtype == torch.float32
+    assert gm.get_submodule("0.loras.lora").lora_A.dtype == torch.float32
     assert gm(x).dtype == torch.bfloat16
 
 
@@ -148,7 +148,7 @@ def test_lora_dropout_follows_train_and_eval():
     model = nn.Sequential(nn.Linear(64, 64))
     x = torch.randn(4, 64)
     gm = rewrite(model, fxadapt.LoRAConfig(targets=["0"], selfattn_lora=False, dropout=0.5), x)
-    perturb_(gm.get_submodule("0.adapters.lora"))
+    perturb_(gm.get_submodule("0.loras.lora"))
     gm.eval()
     assert torch.equal(gm(x), gm(x))
     gm.train()

@@ -62,7 +62,7 @@ def test_lora_outputs_and_gradients_match_peft(arch, targets, rslora):
     grads = ours.adapter_state_dict("lora")
     for key, p in weights.items():
         torch.testing.assert_close(grads[key].grad, p.grad, rtol=1e-4, atol=1e-6)
-    assert all(p.grad is None for n, p in ours.named_parameters() if ".adapters." not in n)
+    assert all(p.grad is None for n, p in ours.named_parameters() if ".loras." not in n)
 
 
 def test_ia3_matches_peft():

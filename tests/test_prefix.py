@@ -191,3 +191,24 @@ def test_compiles_whole_with_prefix_and_gates():
             assert_outputs_close(compiled(**inputs), gm(**inputs), rtol=1e-5, atol=1e-6)
     finally:
         gm.delete_adapter("u")
+
+
+def test_union_of_lora_and_bottleneck_on_the_same_projection():
+    # LoRA on the feed-forward down projection and a Pfeiffer adapter closing the same block keep
+    # separate weights (AdapterHub's containers: loras, adapters).
+    model, gm = captured("bert")
+    gm.add_adapter("u", ConfigUnion(LoRAConfig(selfattn_lora=False, output_lora=True, init_weights="bert"), SeqBnConfig()), set_active=True)
+    try:
+        keys = sorted(k for k in gm.adapter_state_dict("u") if k.startswith("encoder.layer.0.output.dense."))
+        assert keys == ["encoder.layer.0.output.dense.adapter_down.0.bias", "encoder.layer.0.output.dense.adapter_down.0.weight",
+                        "encoder.layer.0.output.dense.adapter_up.bias", "encoder.layer.0.output.dense.adapter_up.weight",
+                        "encoder.layer.0.output.dense.lora_A", "encoder.layer.0.output.dense.lora_B"]
+        gm.train_adapter("u")
+        gm(**inputs_for(model))[0].sum().backward()
+        assert all(p.grad is not None for p in gm._adapter_parameters("u"))
+    finally:
+        gm.delete_adapter("u")
+        for p in gm.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        gm.eval()

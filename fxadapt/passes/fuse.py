@@ -2,7 +2,7 @@
 
 - :func:`fuse_lora_a`: the LoRA ``A`` projections that read the same input (q, k, v; gate and up)
   become one matmul with the ``A`` matrices concatenated, split after. Off by default: on CPU at
-  roberta-base shape it does not make the training step faster (see benchmarks/README.md);
+  roberta-base shape it does not make the training step faster (README, "Benchmarks": row f);
   turn it on per module with ``set_options(gm, fuse_lora_a=True)``.
 - :func:`remove_dead_dropout`: a dropout that cannot drop (``p == 0``, or ``train=False``) is removed.
 - :func:`specialize_eval`: dropout rates fixed at eval mode (0), so the graph has no dropout at all
