@@ -394,6 +394,8 @@ def _adapterhub_bottleneck(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Con
     blocks = {(p.block.layer, p.block.location): p for p in placements if p.method == "bottleneck"}
     tensors, sources = {}, {}
     for key, tensor in ckpt.tensors.items():
+        if ".adapter_norm_before." in key:
+            continue  # AdapterHub's alias of adapter_down.0 (ln_before), stored twice
         ours = _bottleneck_key(key, ckpt.name, blocks)
         tensors[ours], sources[ours] = tensor, key
     if config.phm_layer and config.shared_phm_rule and not any(k.startswith("shared_parameters.") for k in tensors):

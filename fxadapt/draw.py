@@ -111,8 +111,9 @@ def collapse(gm: AdaptedModule) -> list[Box]:
         if node in box_of:
             edges.add_edges_from((k, box_of[node].key) for k in sources if k != box_of[node].key)
     # Keep the direct edges only: residual streams and the attention mask, which reach every later
-    # box, are implied by the chain of boxes in between.
-    for a, b in nx.transitive_reduction(edges).edges:
+    # box, are implied by the chain of boxes in between. (An adapter box with nodes both before and
+    # after its site makes a cycle: then all edges are kept.)
+    for a, b in (nx.transitive_reduction(edges) if nx.is_directed_acyclic_graph(edges) else edges).edges:
         boxes[b].preds.add(a)
     return sorted(boxes.values(), key=lambda b: (b.layer, b.order))
 

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointMixin
 from .config import AdapterConfig, config_id, resolve_config
 from .errors import AdapterError, InputError, MergeError
 from .passes import METHODS, OPTIMIZATIONS, insert_adapters
+from .passes.bottleneck import frozen_parameters
 from .passes.dropout import RATE_MODULE, DropoutRate
 from .plan import Placement, annotate, gate_location, plan
 from .passes.gating import GateRecorder, connect
@@ -199,8 +200,9 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             if not hits:
                 raise AdapterError(f"also={prefix!r} names no base parameter of {self._fx_model_name}")
             trainable |= {id(base[k]) for k in hits}
+        frozen = {id(p) for n in names for path in self._fx_adapters[n].modules for p in frozen_parameters(self.get_submodule(path))}
         for p in self.parameters():
-            p.requires_grad_(id(p) in trainable)
+            p.requires_grad_(id(p) in trainable and id(p) not in frozen)
         self.train()
         self._fx_active = [n for n in self._fx_merged if n not in names] + names
         self._rebuild()

@@ -37,7 +37,8 @@ class Placement:
     config: AdapterConfig | None = None
     shared: tuple[str, ...] = ()
     attention: Attention | None = None
-    layers: int | None = None  # how many layers the model has, for weights sized by it (prefix tuning)
+    layers: int | None = None  # how many layers an adapter's shared weights serve (prefix tuning)
+    slot: int | None = None  # this placement's place among them
 
     @property
     def anchors(self) -> tuple[str, ...]:
@@ -163,7 +164,10 @@ def _bottleneck_placements(name: str, config: BnConfig, blocks: list[Block], mod
     if not blocks:
         raise SiteError(f"{type(config).__name__} needs residual blocks after attention / feed-forward projections; {model_name} has none")
     wanted = {"mh": config.mh_adapter, "output": config.output_adapter}
-    shared = (f"{SHARED}.{name}",) if config.phm_layer and config.shared_phm_rule else ()
+    shared = (f"{SHARED}.{name}",) if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) else ()
+    if config.phm_layer and config.shared_W_phm and isinstance(config.reduction_factor, dict):
+        raise ConfigError(f"{type(config).__name__}.shared_W_phm=True shares one bottleneck size across layers: "
+                          "reduction_factor must be a number", field="reduction_factor", value=config.reduction_factor)
     placements = []
     for block in blocks:
         if not wanted[block.location] or block.layer in config.leave_out:
@@ -197,16 +201,16 @@ def _prefix_placements(name: str, config: PrefixTuningConfig, attentions: list[A
     own = [a for a in attentions if not a.cross]
     if not own:
         raise SiteError(f"{type(config).__name__} needs attention with projected keys and values; {model_name} has none")
-    layers = 1 + max(a.layer for a in own)
+    own = [a for a in own if a.layer not in config.leave_out]
     generator = _join("prefix_tunings", name)
     placements = []
-    for att in own:
-        if att.layer in config.leave_out:
-            continue
+    # The generator holds one slot per adapted layer, in layer order (AdapterHub's prefix ids).
+    for slot, att in enumerate(own):
         # Gates live by the attention's projections, as AdapterHub's prefix_gates.
         parent = att.weight.rpartition(".")[0].rpartition(".")[0]
         gate = _join(parent, "prefix_gates", name) if config.use_gating else None
-        placements.append(Placement(name, "prefix", None, gate, attention=att, config=config, shared=(generator,), layers=layers))
+        placements.append(Placement(name, "prefix", None, gate, attention=att, config=config, shared=(generator,),
+                                    layers=len(own), slot=slot))
     if not placements:
         raise SiteError(f"{type(config).__name__} selects no attention of {model_name} (leave_out={list(config.leave_out)})")
     return placements

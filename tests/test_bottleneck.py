@@ -197,3 +197,69 @@ def test_summary_architecture_column():
         assert "pfeiffer                 bottleneck" in gm.adapter_summary()
     finally:
         gm.delete_adapter("pfeiffer")
+
+
+def test_shared_phm_weights_equal_per_layer_copies():
+    # shared_W_phm: one down / up weight for every layer. The same weights copied into every
+    # layer's own PHM layers give the same function.
+    model, gm = captured("bert")
+    shared_cfg = CompacterPlusPlusConfig(reduction_factor=8, shared_W_phm=True, init_weights_seed=1)
+    own_cfg = CompacterPlusPlusConfig(reduction_factor=8, init_weights_seed=2)
+    gm.add_adapter("shared", shared_cfg)
+    gm.add_adapter("own", own_cfg)
+    try:
+        shared = gm.adapter_state_dict("shared")
+        own = gm.adapter_state_dict("own")
+        assert "shared_parameters.W_down_left" in shared and not any(".W_left" in k for k in shared)
+        with torch.no_grad():
+            for key, value in own.items():
+                if key.startswith("shared_parameters."):
+                    value.copy_(shared[key])
+                elif ".W_" in key:
+                    position = "down" if ".adapter_down." in key else "up"
+                    value.copy_(shared[f"shared_parameters.W_{position}_{key.rsplit('_', 1)[1]}"])
+                else:
+                    value.copy_(shared[key])
+        inputs = inputs_for(model)
+        gm.set_active_adapters("shared")
+        a = gm(**inputs)[0]
+        gm.set_active_adapters("own")
+        torch.testing.assert_close(gm(**inputs)[0], a)
+        gm.train_adapter("shared")
+        gm(**inputs)[0].sum().backward()
+        assert shared["shared_parameters.W_down_left"].grad is not None
+    finally:
+        gm.delete_adapter("shared")
+        gm.delete_adapter("own")
+        for p in gm.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        gm.eval()
+
+
+def test_learn_phm_false_keeps_the_rule_frozen():
+    _, gm = captured("bert")
+    gm.add_adapter("c", CompacterConfig(reduction_factor=8, learn_phm=False))
+    try:
+        gm.train_adapter("c")
+        state = gm.adapter_state_dict("c")
+        assert not state["shared_parameters.phm_rule"].requires_grad
+        assert all(t.requires_grad for k, t in state.items() if "phm_rule" not in k)
+    finally:
+        gm.delete_adapter("c")
+        for p in gm.parameters():
+            p.requires_grad_(True)
+        gm.eval()
+
+
+def test_init_weights_seed_makes_initialisation_reproducible():
+    _, gm = captured("bert")
+    for name in ("a", "b"):
+        gm.add_adapter(name, fxadapt.config.DoubleSeqBnInvConfig(init_weights_seed=7))
+    try:
+        a, b = gm.adapter_state_dict("a"), gm.adapter_state_dict("b")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not torch.equal(a["encoder.layer.0.output.dense.adapter_down.0.weight"], a["encoder.layer.1.output.dense.adapter_down.0.weight"])
+    finally:
+        gm.delete_adapter("a")
+        gm.delete_adapter("b")

@@ -367,7 +367,7 @@ def test_adapterhub_adapter_matches_adapterhub_outputs(model_dir, config_id):
         expected, base = io["last_hidden_state"], io["base_last_hidden_state"]
         if mask is not None:
             out, expected, base = (x * mask[..., None] for x in (out, expected, base))
-        assert (expected - base).abs().max() > 1e-2  # the adapter matters
+        assert (expected - base).abs().max() > 1e-3  # the adapter matters
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
         scores = directory / "gating_scores.json"
         if scores.exists():  # UniPELT: AdapterHub's gate values, adapter -> layer -> location

@@ -8,6 +8,9 @@ keeps new nodes in order and tags them with the site's ``nn_module_stack``.
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +172,18 @@ def insert_adapters(gm: GraphModule, graph: Graph) -> None:
         for p in placements:
             METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module) if p.module else None)
         emitter.finish()
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, *where):
+    """Initialise under a seed of its own (``init_weights_seed``, mixed with where the weights sit so
+    that places differ), leaving the global random state as it was; no-op without a seed."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(repr((seed, *where)).encode()))
+        yield
 
 
 def columns_tensor(columns: Sequence[int] | None) -> torch.Tensor | None:

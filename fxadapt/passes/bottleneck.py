@@ -21,7 +21,7 @@ from transformers.activations import get_activation
 from ..config import BnConfig
 from ..plan import Placement
 from ..sites import Block
-from . import METHODS, Emitter, Method
+from . import METHODS, Emitter, Method, seeded
 from .gating import Gate
 
 aten = torch.ops.aten
@@ -45,32 +45,11 @@ def kronecker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.reshape(*out.shape[:-4], a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1])
 
 
-class PHMLinear(nn.Module):
-    """Compacter's parameterised hypercomplex multiplication: ``y = x H + b`` with
-    ``H = sum_i kron(rule_i, W_i)``; ``W`` factorised as ``W_left @ W_right`` (rank ``phm_rank``).
-    The rule is this layer's own, or passed in when shared by all layers of the adapter."""
-
-    def __init__(self, in_features: int, out_features: int, config: BnConfig):
-        super().__init__()
-        n = config.phm_dim
-        self.factorized = config.factorized_phm_W
-        self.factorized_rule = config.factorized_phm_rule
-        if config.factorized_phm_W:
-            self.W_left = nn.Parameter(_xavier(torch.empty(n, in_features // n, config.phm_rank)))
-            self.W_right = nn.Parameter(_xavier(torch.empty(n, config.phm_rank, out_features // n)))
-        else:
-            self.W = nn.Parameter(_xavier(torch.empty(n, in_features // n, out_features // n)))
-        if not config.shared_phm_rule:
-            for name, shape in _rule_shapes(config).items():
-                self.register_parameter(name, nn.Parameter(_rule_init(torch.empty(shape), config), requires_grad=config.learn_phm))
-        self.b = nn.Parameter(torch.zeros(out_features)) if config.phm_bias else None
-
-    def forward(self, x: torch.Tensor, rule: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        rule = rule or tuple(getattr(self, name) for name in ("phm_rule_left", "phm_rule_right", "phm_rule") if hasattr(self, name))
-        r = torch.bmm(*rule) if self.factorized_rule else rule[0]
-        w = torch.bmm(self.W_left, self.W_right) if self.factorized else self.W
-        y = x @ kronecker(r, w).sum(0)
-        return y if self.b is None else y + self.b
+def _phm_weights(config: BnConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+    n, rank = config.phm_dim, config.phm_rank
+    if config.factorized_phm_W:
+        return {"W_left": (n, in_features // n, rank), "W_right": (n, rank, out_features // n)}
+    return {"W": (n, in_features // n, out_features // n)}
 
 
 def _rule_shapes(config: BnConfig) -> dict[str, tuple[int, ...]]:
@@ -78,24 +57,84 @@ def _rule_shapes(config: BnConfig) -> dict[str, tuple[int, ...]]:
     return {"phm_rule_left": (n, n, 1), "phm_rule_right": (n, 1, n)} if config.factorized_phm_rule else {"phm_rule": (n, n, n)}
 
 
-def _rule_init(t: torch.Tensor, config: BnConfig) -> torch.Tensor:
-    return t.normal_(0, config.phm_init_range) if config.phm_c_init == "normal" else t.uniform_(-1, 1)
-
-
-def _xavier(t: torch.Tensor) -> torch.Tensor:
-    # AdapterHub initialises every PHM weight slice with xavier_normal (its glorot-uniform branch is unreachable).
+def _init_w(t: torch.Tensor, config: BnConfig) -> torch.Tensor:
     for i in range(t.shape[0]):
-        nn.init.xavier_normal_(t[i])
+        if config.hypercomplex_nonlinearity == "normal":
+            t[i].normal_(0, config.phm_init_range)
+        elif config.hypercomplex_nonlinearity == "glorot-uniform":
+            nn.init.xavier_uniform_(t[i])
+        else:
+            nn.init.xavier_normal_(t[i])
     return t
 
 
-class PHMRule(nn.Module):
-    """The PHM rule one adapter shares across all its layers (AdapterHub's ``shared_parameters``)."""
+def _init_rule(t: torch.Tensor, config: BnConfig, shared: bool) -> torch.Tensor:
+    # AdapterHub's ranges: a shared rule N(0, phm_init_range) or U(-1, 1); a layer's own N(0, 0.01) or U(-0.01, 0.01).
+    if config.phm_c_init == "normal":
+        return t.normal_(0, config.phm_init_range if shared else 0.01)
+    return t.uniform_(-1, 1) if shared else t.uniform_(-0.01, 0.01)
 
-    def __init__(self, config: BnConfig):
+
+def _parameter(shape, init, learn: bool = True) -> nn.Parameter:
+    return nn.Parameter(init(torch.empty(shape)), requires_grad=learn)
+
+
+def frozen_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters an adapter keeps fixed while it trains: PHM rules with ``learn_phm=False``."""
+    return [p for m in module.modules() if isinstance(m, (PHMShared, PHMLinear)) and not m.learn_phm
+            for name, p in m.named_parameters(recurse=False) if name.startswith("phm_rule")]
+
+
+class PHMShared(nn.Module):
+    """What an adapter's PHM layers share across layers (AdapterHub's ``shared_parameters``): the
+    rule (``shared_phm_rule``) and the down / up weights (``shared_W_phm``)."""
+
+    def __init__(self, config: BnConfig, hidden: int, down: int):
         super().__init__()
-        for name, shape in _rule_shapes(config).items():
-            self.register_parameter(name, nn.Parameter(_rule_init(torch.empty(shape), config), requires_grad=config.learn_phm))
+        self.learn_phm = config.learn_phm
+        if config.shared_phm_rule:
+            for name, shape in _rule_shapes(config).items():
+                self.register_parameter(name, _parameter(shape, lambda t: _init_rule(t, config, True), config.learn_phm))
+        if config.shared_W_phm:
+            for position, (i, o) in (("down", (hidden, down)), ("up", (down, hidden))):
+                for name, shape in _phm_weights(config, i, o).items():
+                    self.register_parameter(name.replace("W", f"W_{position}"), _parameter(shape, lambda t: _init_w(t, config)))
+
+    @staticmethod
+    def names(config: BnConfig) -> list[str]:
+        """The shared tensors, in the order the graph passes them to the adapters."""
+        names = list(_rule_shapes(config)) if config.shared_phm_rule else []
+        if config.shared_W_phm:
+            names += [n.replace("W", f"W_{pos}") for pos in ("down", "up") for n in _phm_weights(config, 4, 4)]
+        return names
+
+
+class PHMLinear(nn.Module):
+    """Compacter's parameterised hypercomplex multiplication: ``y = x H + b``,
+    ``H = sum_i kron(rule_i, W_i)``, ``W = W_left @ W_right`` (rank ``phm_rank``) when factorised.
+    Rule and weights are the layer's own or, when shared, passed in by name."""
+
+    def __init__(self, in_features: int, out_features: int, config: BnConfig, position: str):
+        super().__init__()
+        self.position = position
+        self.learn_phm = config.learn_phm
+        self.factorized = config.factorized_phm_W
+        self.factorized_rule = config.factorized_phm_rule
+        if not config.shared_W_phm:
+            for name, shape in _phm_weights(config, in_features, out_features).items():
+                self.register_parameter(name, _parameter(shape, lambda t: _init_w(t, config)))
+        if not config.shared_phm_rule:
+            for name, shape in _rule_shapes(config).items():
+                self.register_parameter(name, _parameter(shape, lambda t: _init_rule(t, config, False), config.learn_phm))
+        self.b = nn.Parameter(torch.zeros(out_features)) if config.phm_bias else None
+
+    def forward(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        get = lambda name: shared.get(name) if name in shared else getattr(self, name)  # noqa: E731
+        r = torch.bmm(get("phm_rule_left"), get("phm_rule_right")) if self.factorized_rule else get("phm_rule")
+        w = f"W_{self.position}" if f"W_{self.position}_left" in shared or f"W_{self.position}" in shared else "W"
+        w = torch.bmm(get(f"{w}_left"), get(f"{w}_right")) if self.factorized else get(w)
+        y = x @ kronecker(r, w).sum(0)
+        return y if self.b is None else y + self.b
 
 
 class Bottleneck(nn.Module):
@@ -109,24 +148,23 @@ class Bottleneck(nn.Module):
         down = max(1, int(hidden // config.factor(block.layer)))
         self.parallel = config.is_parallel
         self.residual_after_ln = not config.adapter_residual_before_ln
-        self.gated = config.use_gating
-        layers: list[nn.Module] = []
-        if config.ln_before:
-            self.adapter_norm_before = nn.LayerNorm(hidden)
-            layers.append(self.adapter_norm_before)
-        layers += [PHMLinear(hidden, down, config) if config.phm_layer else nn.Linear(hidden, down), Activation(config.non_linearity)]
-        self.adapter_down = nn.Sequential(*layers)
-        self.adapter_up = PHMLinear(down, hidden, config) if config.phm_layer else nn.Linear(down, hidden)
-        if config.scaling == "learned":
-            self.scaling = nn.Parameter(torch.ones(1))
-        elif config.scaling == "channel":
-            self.scaling = nn.Parameter(torch.ones(hidden))
-        else:
-            self.scaling = float(config.scaling)
-        self.adapter_norm_after = nn.LayerNorm(hidden) if config.ln_after else None
-        self.gate = Gate(hidden, 1) if config.use_gating else None
-        self.dropout = nn.Dropout(config.dropout)
-        self._init(config)
+        self.shared_names = PHMShared.names(config) if config.phm_layer else []
+        with seeded(config.init_weights_seed, block.layer, block.location):
+            layers: list[nn.Module] = [nn.LayerNorm(hidden)] if config.ln_before else []
+            layers += [PHMLinear(hidden, down, config, "down") if config.phm_layer else nn.Linear(hidden, down),
+                       Activation(config.non_linearity)]
+            self.adapter_down = nn.Sequential(*layers)
+            self.adapter_up = PHMLinear(down, hidden, config, "up") if config.phm_layer else nn.Linear(down, hidden)
+            if config.scaling == "learned":
+                self.scaling = nn.Parameter(torch.ones(1))
+            elif config.scaling == "channel":
+                self.scaling = nn.Parameter(torch.ones(hidden))
+            else:
+                self.scaling = float(config.scaling)
+            self.adapter_norm_after = nn.LayerNorm(hidden) if config.ln_after else None
+            self.gate = Gate(hidden, 1) if config.use_gating else None
+            self.dropout = nn.Dropout(config.dropout)
+            self._init(config)
         self.to(device=like.device, dtype=like.dtype)
 
     def _init(self, config: BnConfig) -> None:
@@ -145,14 +183,13 @@ class Bottleneck(nn.Module):
                 if isinstance(self.adapter_up, nn.Linear):
                     self.adapter_up.weight.zero_()
 
-    def _project(self, module: nn.Module, x: torch.Tensor, rule: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return module(x, rule) if isinstance(module, PHMLinear) else module(x)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *rule: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *shared: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.shared_names, shared))
         h = x
         for layer in self.adapter_down:
-            h = self._project(layer, h, rule)
-        out = self.dropout(self._project(self.adapter_up, h, rule) * self.scaling)
+            h = layer(h, named) if isinstance(layer, PHMLinear) else layer(h)
+        up = self.adapter_up(h, named) if isinstance(self.adapter_up, PHMLinear) else self.adapter_up(h)
+        out = self.dropout(up * self.scaling)
         if self.gate is not None:
             out = out * self.gate(x).unsqueeze(-1)
         if self.parallel:
@@ -176,9 +213,9 @@ class NICE(nn.Module):
         def subnet(n_in: int, n_out: int) -> nn.Sequential:
             return nn.Sequential(nn.Linear(n_in, int(n_in // factor)), Activation(config.non_linearity), nn.Linear(int(n_in // factor), n_out))
 
-        self.F = subnet(hidden - self.split, self.split)
-        self.G = subnet(self.split, hidden - self.split)
-        with torch.no_grad():
+        with seeded(config.init_weights_seed, "invertible"), torch.no_grad():
+            self.F = subnet(hidden - self.split, self.split)
+            self.G = subnet(self.split, hidden - self.split)
             for m in self.modules():
                 if isinstance(m, nn.Linear):
                     m.weight.normal_(0.0, 0.02)
@@ -202,8 +239,7 @@ def insert_bottleneck(e: Emitter, p: Placement, w: Bottleneck) -> None:
     assert isinstance(config, BnConfig) and block is not None
     add = e.named(block.add)
     r, s = add.args[block.residual_arg], add.args[1 - block.residual_arg]
-    names = ("phm_rule_left", "phm_rule_right") if config.factorized_phm_rule else ("phm_rule",)
-    rule = tuple(e.attr(f"{path}.{n}") for path in p.shared for n in names)
+    rule = tuple(e.attr(f"{path}.{n}") for path in p.shared for n in PHMShared.names(config))
     if config.is_parallel:
         out = e.call(aten.add.Tensor, e.module(p.module, r, None, *rule), s)
     else:
@@ -236,6 +272,12 @@ def _build_invertible(block: Block, config: BnConfig, like: torch.Tensor) -> NIC
     return NICE(block.hidden_size, config, like)
 
 
-METHODS["bottleneck"] = Method("bottleneck", _build_bottleneck, insert_bottleneck, exclusive=True,
-                               build_shared=lambda config, placements, like: PHMRule(config).to(like.device, like.dtype))
+def _build_shared(config: BnConfig, placements: list[Placement], like: torch.Tensor) -> PHMShared:
+    block = placements[0].block
+    with seeded(config.init_weights_seed, "shared"):
+        shared = PHMShared(config, block.hidden_size, int(block.hidden_size // config.factor(block.layer)))
+    return shared.to(like.device, like.dtype)
+
+
+METHODS["bottleneck"] = Method("bottleneck", _build_bottleneck, insert_bottleneck, exclusive=True, build_shared=_build_shared)
 METHODS["invertible"] = Method("bottleneck", _build_invertible, insert_invertible, exclusive=True)

@@ -115,7 +115,7 @@ def specialize_eval(graph: Graph) -> None:
 # -- LoRA A fusion ----------------------------------------------------------------------------
 
 
-def _lora_a_input(gm: GraphModule, node: Node) -> Node | None:
+def _lora_a_input(node: Node) -> Node | None:
     """``x`` when ``node`` is ``linear(x, <...>.lora_A)`` with no bias, else None."""
     if node.op != "call_function" or node.target is not aten.linear.default or len(node.args) != 2 or node.kwargs:
         return None
@@ -131,7 +131,7 @@ def fuse_lora_a(gm: GraphModule, graph: Graph) -> int:
     Returns how many projections were fused away."""
     groups: dict[Node, list[Node]] = {}
     for node in graph.nodes:
-        x = _lora_a_input(gm, node)
+        x = _lora_a_input(node)
         if x is not None:
             groups.setdefault(x, []).append(node)
     fused = 0

@@ -8,6 +8,7 @@ Folding into the weight:                ``W + scaling * B A``;  ``diag(l) W`` an
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ def _generator(config: LoRAConfig, site: Site) -> torch.Generator | None:
     if config.init_weights_seed is None:
         return None
     # One stream per site, so that sites do not all start from the same numbers.
-    return torch.Generator().manual_seed(hash((config.init_weights_seed, site.path, site.role)) % (2**63))
+    return torch.Generator().manual_seed(zlib.crc32(repr((config.init_weights_seed, site.path, site.role)).encode()))
 
 
 def _dtype(config: LoRAConfig, like: torch.Tensor) -> torch.dtype:

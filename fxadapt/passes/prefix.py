@@ -27,7 +27,7 @@ from ..errors import SiteError
 from ..ops import MATMUL, SOFTMAX, op_name
 from ..plan import Placement
 from ..sites import LINEAR_OPS, Attention, sequence_input
-from . import METHODS, Emitter, Method
+from . import METHODS, Emitter, Method, seeded
 from .bottleneck import Activation
 from .dropout import RATE_MODULE
 from .gating import Gate
@@ -64,13 +64,17 @@ class PrefixTuning(nn.Module):
 
 
 def _build_gate(attention: Attention, config: PrefixTuningConfig, like: torch.Tensor) -> Gate:
-    return Gate(attention.hidden_size, 1 if config.shared_gating else 2, init_bias=False).to(like.device, like.dtype)
+    with seeded(config.init_weights_seed, "gate", attention.layer):
+        gate = Gate(attention.hidden_size, 1 if config.shared_gating else 2, init_bias=False)
+    return gate.to(like.device, like.dtype)
 
 
 def _build_generator(config: PrefixTuningConfig, placements: list[Placement], like: torch.Tensor) -> PrefixTuning:
     att = placements[0].attention
-    # Every self-attention layer has a slot, left-out ones included (AdapterHub's sizes).
-    return PrefixTuning(config, att.hidden_size, placements[0].layers, att.kv_heads, att.head_dim).to(like.device, like.dtype)
+    # One slot per adapted layer (left-out layers have none, as in AdapterHub).
+    with seeded(config.init_weights_seed, "prefix"):
+        generator = PrefixTuning(config, att.hidden_size, placements[0].layers, att.kv_heads, att.head_dim)
+    return generator.to(like.device, like.dtype)
 
 
 def insert_prefix(e: Emitter, p: Placement, gate: Gate | None) -> None:
@@ -85,7 +89,7 @@ def insert_prefix(e: Emitter, p: Placement, gate: Gate | None) -> None:
     batch = e.pre(aten.sym_size.int, x, 0)
 
     def prefix(slot: int) -> Node:  # (batch, kv_heads, P, head_dim)
-        t = e.pre(aten.select.int, pool, 0, 2 * att.layer + slot)
+        t = e.pre(aten.select.int, pool, 0, 2 * p.slot + slot)
         t = e.pre(aten.expand.default, e.pre(aten.unsqueeze.default, t, 0), [batch, -1, -1, -1])
         if config.dropout > 0:
             t = e.pre(aten.dropout.default, t, e.pre(RATE_MODULE, float(config.dropout)), True)
