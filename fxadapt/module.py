@@ -79,7 +79,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         sites, linears, attentions = analyse(root)
         gm._fx_sites: list[Site] = sites
         gm._fx_linears: dict[str, Linear] = linears
-        gm._fx_blocks: list[Block] = find_blocks(root, sites)
+        gm._fx_blocks: list[Block] = find_blocks(root, sites, attentions)
         gm._fx_attentions: list[Attention] = attentions
         gm._fx_gates = GateRecorder()
         gm._fx_adapters: dict[str, _Adapter] = {}

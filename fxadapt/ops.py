@@ -16,19 +16,19 @@ def op_name(node: Node) -> str:
         return ""
     target = node.target
     packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    return getattr(target, "__name__", "")
+    name = packet.__name__ if packet is not None else getattr(target, "__name__", "")
+    # In-place variants compute what their functional ops do (add_ is add).
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
 # Ops through which a linear's output columns move unchanged (values are only reordered or selected).
 MOVEMENT = frozenset(
     """view reshape _unsafe_view transpose permute t contiguous clone expand expand_as unsqueeze squeeze
     split split_with_sizes chunk getitem slice select unbind narrow alias detach flatten unflatten movedim
-    swapaxes view_as reshape_as to _to_copy type_as float half bfloat16 lift_fresh_copy""".split()
+    swapaxes view_as reshape_as to _to_copy type_as float half bfloat16 lift_fresh_copy index""".split()
 )
 # Movement ops that drop part of their input, so a consumer may see only some columns.
-SELECTING = frozenset("split split_with_sizes chunk getitem slice select unbind narrow".split())
+SELECTING = frozenset("split split_with_sizes chunk getitem slice select unbind narrow index".split())
 # Dtype conversions: identity on the column-index tensors we push through movement chains.
 CASTS = frozenset("to _to_copy type_as float half bfloat16".split())
 ACTIVATIONS = frozenset(

@@ -6,6 +6,7 @@ A :class:`Placement` is one adapter at one site. The insert passes read placemen
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch.fx import Graph
@@ -182,7 +183,7 @@ def _bottleneck_placements(name: str, config: BnConfig, blocks: list[Block], mod
                                     anchor=first.residual))
     if not placements:
         raise SiteError(f"{type(config).__name__} selects no block of {model_name} (leave_out={list(config.leave_out)})")
-    return placements
+    return _per_layer_where_shared(placements)
 
 
 def _check_sizes(config: BnConfig, block: Block) -> None:
@@ -213,7 +214,16 @@ def _prefix_placements(name: str, config: PrefixTuningConfig, attentions: list[A
                                     layers=len(own), slot=slot))
     if not placements:
         raise SiteError(f"{type(config).__name__} selects no attention of {model_name} (leave_out={list(config.leave_out)})")
-    return placements
+    return _per_layer_where_shared(placements)
+
+
+def _per_layer_where_shared(placements: list[Placement]) -> list[Placement]:
+    """Layers that share their modules (ALBERT) still get one adapter each: ``<path>.layer<i>``."""
+    counts: dict[str | None, int] = {}
+    for p in placements:
+        counts[p.module] = counts.get(p.module, 0) + 1
+    return [dataclasses.replace(p, module=f"{p.module}.layer{p.where.layer}") if p.module and counts[p.module] > 1 else p
+            for p in placements]
 
 
 def gate_location(p: Placement) -> str:

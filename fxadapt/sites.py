@@ -22,6 +22,7 @@ never consulted, so renaming every module of a model gives the same sites.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -91,9 +92,11 @@ class Block:
     projection) or a feed-forward block (``"output"``, after ``ffn_out``).
 
     ``add`` is the residual add node, ``residual_arg`` the index of its argument that carries the
-    block's input (the other carries the sublayer output). ``norm`` lists, for a post-LN block
-    (BERT), the nodes of the normalisation applied to the sum, its output last; for a pre-LN block
-    (GPT-2, Llama, ViT) it is empty and the sum is the block's output.
+    block's input. ``tail`` is the sublayer's output; ``direct`` says it is the add's other argument
+    (False in parallel-residual layers, GPT-J or Falcon, where attention and feed-forward outputs
+    are summed before the residual comes in). ``norm`` lists, for a post-LN block (BERT), the nodes
+    of the normalisation applied to the sum, its output last; for a pre-LN block (GPT-2, Llama,
+    ViT) it is empty and the sum is the block's output.
     """
 
     layer: int
@@ -105,10 +108,15 @@ class Block:
     path: str  # module path of the projection closing the block (``o`` or ``ffn_out``)
     weight: str  # its weight
     residual: str  # the add's residual input node (for the first block: the embedding output)
+    tail: str
+    direct: bool = True
 
     @property
     def output(self) -> str:
-        """The node whose value is the block's output: the norm's last node, or the add."""
+        """The node an adapter rewrites: the norm's last node or the add (or, in a parallel-residual
+        layer, the sublayer's output)."""
+        if not self.direct:
+            return self.tail
         return self.norm[-1] if self.norm else self.add
 
 
@@ -160,7 +168,7 @@ def analyse(gm: GraphModule) -> tuple[list[Site], dict[str, Linear], list[Attent
     nodes = list(gm.graph.nodes)
     linears, linear_of = _find_linears(gm, nodes)
     attentions = _find_attentions(nodes, linear_of)
-    columns = _column_maps(nodes, linear_of)
+    columns = _column_maps(gm, nodes, linear_of)
     origin = _propagate_origins(nodes, linear_of, attentions, columns)
     sites, described = _assign_roles(nodes, linears, linear_of, attentions, origin)
     sites.sort(key=lambda s: (s.layer if s.layer is not None else -1, _ROLE_ORDER.get(s.role, 99), s.path))
@@ -180,6 +188,16 @@ def _param(gm: GraphModule, node) -> torch.nn.Parameter | None:
     return None
 
 
+def _weight_node(arg) -> tuple[Node, bool]:
+    """The get_attr a weight operand reads, and whether it is read transposed (``x @ W.T``, Falcon)."""
+    if isinstance(arg, Node) and arg.op == "call_function" and isinstance(arg.args[0], Node) and arg.args[0].op == "get_attr":
+        name = op_name(arg)
+        if name in ("t", "numpy_T") or (name == "transpose" and sorted(a % 2 for a in arg.args[1:3]) == [0, 1]) \
+                or (name == "permute" and list(arg.args[1]) == [1, 0]):
+            return arg.args[0], True
+    return arg, False
+
+
 def _find_linears(gm: GraphModule, nodes: list[Node]) -> tuple[dict[str, Linear], dict[Node, tuple[str, int]]]:
     """Linear-like nodes grouped by weight; ``linear_of[node] = (weight path, input arg index)``."""
     found: dict[str, dict] = {}
@@ -191,12 +209,14 @@ def _find_linears(gm: GraphModule, nodes: list[Node]) -> tuple[dict[str, Linear]
         x_i, w_i, b_i, transposed = spec
         if len(node.args) <= max(x_i, w_i):
             continue
-        weight = _param(gm, node.args[w_i])
+        w_node, flipped = _weight_node(node.args[w_i])
+        weight = _param(gm, w_node)
         if weight is None or weight.ndim != 2:
             continue
+        transposed ^= flipped
         bias_node = node.args[b_i] if b_i is not None and len(node.args) > b_i else node.kwargs.get("bias")
         bias = bias_node.target if _param(gm, bias_node) is not None else None
-        target = node.args[w_i].target
+        target = w_node.target
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         entry = found.setdefault(target, dict(path=target.rpartition(".")[0], weight=target, bias=bias,
                                               transposed=transposed, in_features=in_f, out_features=out_f, nodes=[]))
@@ -259,7 +279,7 @@ def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
 # -- columns of fused projections ------------------------------------------------------------
 
 
-def _column_maps(nodes: list[Node], linear_of) -> dict[Node, tuple[Node, frozenset[int]]]:
+def _column_maps(gm: GraphModule, nodes: list[Node], linear_of) -> dict[Node, tuple[Node, frozenset[int]]]:
     """For nodes that select part of a projection's output: (projection node, output columns they hold).
 
     Column indices are pushed through the movement ops after the projection (views, permutes,
@@ -278,7 +298,7 @@ def _column_maps(nodes: list[Node], linear_of) -> dict[Node, tuple[Node, frozens
         env = {node: torch.arange(width).repeat(max(1, _numel(shape[:-1])), 1).reshape(shape)}
         try:
             for n in chain:
-                env[n] = _run_movement(n, env)
+                env[n] = _run_movement(gm, n, env)
         except Exception:  # an op we cannot replay on indices: treat every column as reaching everything
             continue
         for n in chain:
@@ -307,11 +327,15 @@ def _movement_chain(start: Node) -> list[Node]:
     return sorted(chain, key=order.__getitem__)
 
 
-def _run_movement(node: Node, env: dict) -> object:
+def _run_movement(gm: GraphModule, node: Node, env: dict) -> object:
     def value(a):
         if isinstance(a, Node):
             if a in env:
                 return env[a]
+            if a.op == "get_attr":  # constants the ops read (Falcon's head indices)
+                return getattr(gm.get_submodule(a.target.rpartition(".")[0]), a.target.rpartition(".")[2])
+            if op_name(a) in ("lift_fresh_copy", "detach", "alias", "clone") and isinstance(a.args[0], Node):
+                return value(a.args[0])
             return concrete(a.meta.get("val"))
         if isinstance(a, (list, tuple)):
             return type(a)(value(x) for x in a)
@@ -517,7 +541,7 @@ _BLOCK_LOCATIONS = {"o": "mh", "ffn_out": "output"}
 _SUBLAYER_TAIL = MOVEMENT | {"dropout", "feature_dropout", "alpha_dropout"}
 
 
-def find_blocks(gm: GraphModule, sites: list[Site]) -> list[Block]:
+def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] = ()) -> list[Block]:
     """The residual blocks closed by the ``o`` and ``ffn_out`` sites, in graph order.
 
     A block is post-LN when the next block's residual input is a normalisation of this block's
@@ -526,33 +550,65 @@ def find_blocks(gm: GraphModule, sites: list[Site]) -> list[Block]:
     """
     by_name = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    found = []  # (layer, location, add node, residual arg, site)
-    for site in sites:
+    # A projection shared by several layers (ALBERT) closes one block per call: its layer is that of
+    # the attention before the call.
+    att_order = sorted(((order[by_name[a.node]], a.layer) for a in attentions if not a.cross))
+    found = []  # (layer, location, add node, residual arg, site, tail, direct)
+    for site, projection in ((s, by_name[n]) for s in sites for n in s.linear.nodes):
         location = _BLOCK_LOCATIONS.get(site.role)
         if location is None:
             continue
-        node = by_name[site.linear.nodes[0]]
-        # The sublayer output runs through dropout / reshapes to the residual add.
-        while len(node.users) == 1 and op_name(next(iter(node.users))) in _SUBLAYER_TAIL:
-            node = next(iter(node.users))
-        adds = [u for u in node.users if op_name(u) == "add" and len(u.all_input_nodes) == 2]
-        if len(adds) == 1:
+        if len(site.linear.nodes) > 1 and att_order:
+            layer = max((l for i, l in att_order if i < order[projection]), default=site.layer)
+            site = dataclasses.replace(site, layer=layer)
+        # The sublayer output runs through dropout / reshapes to the residual add. The residual is
+        # an input the sublayer itself derives from; a sum with another sublayer's output first
+        # (parallel attention and feed-forward) is followed on to the residual add.
+        before = _ancestors(projection.args[LINEAR_OPS[op_name(projection)][0]])
+        tail = current = _through_tail(projection)
+        direct = True
+        for _ in range(4):
+            current = _through_tail(current)
+            adds = [u for u in current.users if op_name(u) == "add" and len(u.all_input_nodes) == 2]
+            if len(adds) != 1:
+                break
             add = adds[0]
-            found.append((site.layer, location, add, 1 if add.args[0] is node else 0, site))
+            arg = 1 if add.args[0] is current else 0
+            if add.args[arg] in before:
+                found.append((site.layer, location, add, arg, site, tail, direct))
+                break
+            current, direct = add, False
     found.sort(key=lambda f: order[f[2]])
 
     norms: list[tuple[Node, ...] | None] = []  # None: last block of a stack, decided below
-    for i, (_, _, add, _, _) in enumerate(found):
+    for i, (_, _, add, *_) in enumerate(found):
         nxt = found[i + 1] if i + 1 < len(found) else None
         norms.append(_region(add, nxt[2].args[nxt[3]], order) if nxt else None)
     post_ln = sum(1 for n in norms if n) > sum(1 for n in norms if n == ())
     blocks = []
-    for (layer, location, add, residual_arg, site), norm in zip(found, norms):
+    for (layer, location, add, residual_arg, site, tail, direct), norm in zip(found, norms):
         if norm is None:
             norm = _last_norm(add, order) if post_ln else ()
         blocks.append(Block(layer, location, add.name, residual_arg, tuple(n.name for n in norm if n.users),
-                            site.linear.out_features, site.path, site.weight, add.args[residual_arg].name))
+                            site.linear.out_features, site.path, site.weight, add.args[residual_arg].name, tail.name, direct))
     return blocks
+
+
+def _through_tail(node: Node) -> Node:
+    while len(node.users) == 1 and op_name(next(iter(node.users))) in _SUBLAYER_TAIL:
+        node = next(iter(node.users))
+    return node
+
+
+def _ancestors(node: Node, limit: int = 2000) -> set[Node]:
+    seen, frontier = set(), [node]
+    while frontier and len(seen) < limit:
+        n = frontier.pop()
+        for p in n.all_input_nodes:
+            if p not in seen:
+                seen.add(p)
+                frontier.append(p)
+    return seen
 
 
 _PASS_THROUGH = MOVEMENT - SELECTING

@@ -238,8 +238,16 @@ def insert_bottleneck(e: Emitter, p: Placement, w: Bottleneck) -> None:
     config, block = p.config, p.block
     assert isinstance(config, BnConfig) and block is not None
     add = e.named(block.add)
-    r, s = add.args[block.residual_arg], add.args[1 - block.residual_arg]
+    r = add.args[block.residual_arg]
     rule = tuple(e.attr(f"{path}.{n}") for path in p.shared for n in PHMShared.names(config))
+    if not block.direct:
+        # Parallel-residual layer: the residual comes in later, after the other sublayer's output
+        # (AdapterHub's Phi): the adapter works on the sublayer output alone.
+        s = e.node
+        out = e.module(p.module, r if config.is_parallel else s, None if config.is_parallel else s, *rule)
+        e.y = e.call(aten.add.Tensor, out, s) if config.is_parallel else out
+        return
+    s = add.args[1 - block.residual_arg]
     if config.is_parallel:
         out = e.call(aten.add.Tensor, e.module(p.module, r, None, *rule), s)
     else:

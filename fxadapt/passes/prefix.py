@@ -202,6 +202,9 @@ def _extend_matmul(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> 
     out.replace_input_with(value, e.pre(aten.cat.default, [prefix_v, value], -2))
     # Between the matmuls: terms combined with the scores grow by P neutral columns; views by P.
     key_len = str(scores.meta["val"].shape[-1])
+    if op_name(scores) == "baddbmm" and _key_shaped(scores.args[0], key_len):  # ALiBi-style bias added in the matmul
+        e.point = scores
+        scores.replace_input_with(scores.args[0], _pad_front(e, scores.args[0], p_len, keep=False))
     path = _between(scores, softmax) + _between(softmax, out)
     for node in path:
         e.point = node
@@ -209,17 +212,23 @@ def _extend_matmul(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> 
         if name in ("view", "reshape", "_unsafe_view", "expand"):
             sizes = list(node.args[1])
             last = sizes[-1]
-            sizes[-1] = e.pre(operator.add, last, p_len) if isinstance(last, Node) else last + p_len
-            node.args = (node.args[0], sizes)
+            if last != -1:  # -1 infers the longer length by itself
+                sizes[-1] = e.pre(operator.add, last, p_len) if isinstance(last, Node) else last + p_len
+                node.args = (node.args[0], sizes)
             continue
         for operand in node.all_input_nodes:
             if operand in path or operand is scores or operand is softmax:
                 continue
-            val = operand.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.ndim and str(val.shape[-1]) == key_len:
+            if _key_shaped(operand, key_len):
                 # masked_fill's mask marks what to hide; where's condition what to keep; other terms add.
                 keep = name == "where"
                 node.replace_input_with(operand, _pad_front(e, operand, p_len, keep=keep))
+
+
+def _key_shaped(node, key_len: str) -> bool:
+    """Whether a tensor's last dimension runs over the keys (so it must grow with the prefix)."""
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return isinstance(val, torch.Tensor) and val.ndim > 0 and str(val.shape[-1]) == key_len
 
 
 def _between(start: Node, stop: Node) -> list[Node]:
