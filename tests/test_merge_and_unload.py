@@ -1,0 +1,125 @@
+"""merge_and_unload: the original model class with the active adapters merged, a copy by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import fxadapt
+from conftest import build, first_tensor, inputs_for, masked
+
+MERGEABLE = ["bert", "gpt2", "llama"]  # plain linear, Conv1D (addmm, transposed), a causal LM
+
+
+def perturb_adapters(gm, std: float = 0.1, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in gm.adapters:
+            for p in gm.adapter_state_dict(name).values():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def adapted(arch: str):
+    """A fresh model and its capture with LoRA (q, v, ffn) and (IA)^3 active, weights moved off init."""
+    model = build(arch)
+    gm = fxadapt.capture(model)
+    gm.add_adapter("lora", fxadapt.LoRAConfig(r=4, alpha=8, intermediate_lora=True, output_lora=True), set_active=True)
+    gm.add_adapter("ia3", "ia3", set_active=True)
+    perturb_adapters(gm)
+    return model, gm.eval()
+
+
+def out(module, x):
+    with torch.no_grad():
+        return masked(module(**x, **({"use_cache": False} if hasattr(module, "config") and hasattr(module.config, "use_cache") else {})), x)
+
+
+@pytest.mark.parametrize("arch", MERGEABLE)
+def test_copy_is_the_original_class_with_the_adapted_outputs(arch):
+    model, gm = adapted(arch)
+    before = {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    x = inputs_for(model)
+    want = out(gm, x)
+    plain = gm.merge_and_unload()
+    assert type(plain) is type(model) and plain is not model
+    torch.testing.assert_close(out(plain.eval(), x), want, rtol=1e-4, atol=1e-5)
+    # the user's model: the same parameter objects, the same values; it still computes the base function
+    for k, v in model.state_dict(keep_vars=True).items():
+        assert v is before[k][0] and torch.equal(v, before[k][1]), k
+    assert not torch.allclose(out(model, x), want)
+    # the module is as it was: same adapters, active and unmerged, same outputs
+    assert gm.active_adapters == ["lora", "ia3"] and gm.merged_adapters == []
+    torch.testing.assert_close(out(gm, x), want)
+    # the copy shares no tensor with the model
+    model_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not model_ptrs & {p.data_ptr() for p in plain.parameters()}
+
+
+def test_inplace_writes_into_the_model_and_unloads_the_module():
+    model, gm = adapted("bert")
+    gm.add_adapter("idle", "pfeiffer")  # inactive: left out, and stays on the module
+    x = inputs_for(model)
+    want = out(gm, x)
+    params = dict(model.named_parameters())
+    assert gm.merge_and_unload(inplace=True) is model
+    assert dict(model.named_parameters()) == params  # the same Parameter objects, new values
+    torch.testing.assert_close(out(model, x), want, rtol=1e-4, atol=1e-5)
+    assert list(gm.adapters) == ["idle"] and gm.active_adapters == [] and gm.merged_adapters == []
+    torch.testing.assert_close(out(gm, x), want, rtol=1e-4, atol=1e-5)
+    gm.set_active_adapters("idle")  # the module goes on working on the merged weights
+    assert out(gm, x).shape == want.shape
+
+
+def test_already_merged_adapters_are_included():
+    model, gm = adapted("bert")
+    x = inputs_for(model)
+    want = out(gm, x)
+    gm.merge_adapter("lora")
+    plain = gm.merge_and_unload()
+    torch.testing.assert_close(out(plain.eval(), x), want, rtol=1e-4, atol=1e-5)
+    assert gm.merged_adapters == ["lora"]
+
+
+def test_an_active_adapter_that_cannot_merge_is_refused_and_nothing_changes():
+    model, gm = adapted("bert")
+    gm.add_adapter("bottleneck", "pfeiffer", set_active=True)
+    x = inputs_for(model)
+    want, base = out(gm, x), out(model, x)
+    with pytest.raises(fxadapt.MergeError, match="'bottleneck'.*set_active_adapters"):
+        gm.merge_and_unload()
+    with pytest.raises(fxadapt.MergeError, match="'bottleneck'"):
+        gm.merge_and_unload(inplace=True)
+    assert gm.active_adapters == ["lora", "ia3", "bottleneck"] and gm.merged_adapters == []
+    torch.testing.assert_close(out(gm, x), want)
+    torch.testing.assert_close(out(model, x), base)
+
+
+def test_a_module_whose_weights_are_not_the_models_is_refused():
+    model, gm = adapted("bert")
+    gm.__dict__["_fx_source"] = build("bert", seed=1)  # another model: its parameters are not the graph's
+    with pytest.raises(fxadapt.MergeError, match="no longer"):
+        gm.merge_and_unload()
+    assert gm.merged_adapters == [] and gm.active_adapters == ["lora", "ia3"]
+    del gm.__dict__["_fx_source"]
+    with pytest.raises(fxadapt.MergeError, match="no reference"):
+        gm.merge_and_unload()
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model, gm = adapted("roberta")
+    x = inputs_for(model)
+    want = out(gm, x)
+    gm.merge_and_unload().save_pretrained(tmp_path)
+    loaded = T.AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is T.RobertaModel
+    torch.testing.assert_close(first_tensor(loaded(**x)) * x["attention_mask"][..., None], want, rtol=1e-4, atol=1e-5)
+
+
+def test_symbolic_trace_module():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    gm = fxadapt.rewrite(model, fxadapt.LoRAConfig(r=2, targets=["0", "2"], selfattn_lora=False, init_weights="bert"))
+    x = torch.randn(3, 4)
+    plain = gm.merge_and_unload()
+    assert type(plain) is torch.nn.Sequential
+    torch.testing.assert_close(plain(x), gm(x))
