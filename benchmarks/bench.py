@@ -72,11 +72,15 @@ class Row:
 # -- models ------------------------------------------------------------------------------------
 
 
-def roberta(args, layers: int | None = None) -> torch.nn.Module:
-    """A random RobertaModel of the benchmark's shape (the same weights for the same depth), in eval mode."""
+def roberta(args, layers: int | None = None, like: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A random RobertaModel of the benchmark's shape, in eval mode; with ``like``, one that reads the
+    same weight tensors (so that contenders differ in their code only, not in where weights lie)."""
     torch.manual_seed(0)
     shape = {**(TINY if args.smoke else ROBERTA_BASE), "num_hidden_layers": layers or args.layers}
-    return transformers.RobertaModel(transformers.RobertaConfig(**shape)).to(args.device, args.dtype).eval()
+    model = transformers.RobertaModel(transformers.RobertaConfig(**shape)).to(args.device, args.dtype).eval()
+    if like is not None:
+        model.load_state_dict(like.state_dict(), assign=True)
+    return model
 
 
 def make_inputs(args) -> dict[str, torch.Tensor]:
@@ -114,6 +118,7 @@ def interleaved(args, fns: dict[str, Callable[[], object]], warmup: int = 1, rep
     names = list(fns)
     for i in range(repeats or args.repeats):
         for name in names if i % 2 == 0 else names[::-1]:
+            gc.collect()  # the previous call's garbage is not collected on this call's clock
             if cuda:
                 torch.cuda.synchronize()
             start = args.clock()
@@ -191,10 +196,11 @@ def peak_memory(step: Callable[[], None], device: str) -> int:
 def training_rows(args) -> list[Row]:
     """(a) and (e): fxadapt and PEFT on the same LoRA, same model, same batch."""
     inputs = make_inputs(args)
-    fx, pf = lora_fxadapt(roberta(args)), lora_peft(roberta(args))
+    base = roberta(args)
+    fx, pf = lora_fxadapt(roberta(args, like=base)), lora_peft(roberta(args, like=base))
     rows = []
     if "train" in args.groups:
-        fused = lora_fxadapt(roberta(args))
+        fused = lora_fxadapt(roberta(args, like=base))
         set_options(fused, fuse_lora_a=True)  # q and v read the same input: one A matmul per layer
         t = interleaved(args, {"fx": train_step(fx, inputs), "peft": train_step(pf, inputs), "fused": train_step(fused, inputs)})
         rows.append(Row("a", "train step, eager: fxadapt / PEFT", t["fx"], t["peft"], "ms", 1.00))
@@ -215,7 +221,7 @@ def inference_rows(args) -> list[Row]:
     """(b) and (c), all four models timed in the same rounds."""
     inputs = make_inputs(args)
     base = roberta(args)
-    unmerged, merged, pf = lora_fxadapt(roberta(args)), lora_fxadapt(roberta(args)), lora_peft(roberta(args))
+    unmerged, merged, pf = (make(roberta(args, like=base)) for make in (lora_fxadapt, lora_fxadapt, lora_peft))
     with torch.no_grad():  # adapters that act, as after training (B starts at zero)
         for m in (unmerged, merged, pf):
             for name, p in m.named_parameters():
@@ -225,12 +231,11 @@ def inference_rows(args) -> list[Row]:
     check_merged(merged, fxadapt.capture(base))  # raises unless the merged graph is the base graph
     for m in (unmerged, merged, pf):
         m.eval()
-    base_again = roberta(args)  # the same model twice: the timing noise between two instances
+    base_again = roberta(args, like=base)  # the same model twice: the timing noise of this machine
     models = {"fx": unmerged, "fx_merged": merged, "peft": pf, "base": base, "base_again": base_again}
-    t = interleaved(args, {k: infer(m, inputs) for k, m in models.items()})
+    t = interleaved(args, {k: infer(m, inputs) for k, m in models.items()}, repeats=2 * args.repeats)  # cheap: twice the repeats
     return [
         Row("b", "inference, unmerged: fxadapt / PEFT", t["fx"], t["peft"], "ms", 0.95),
-        Row("b", "  LoRA's own cost, unmerged - base: fxadapt / PEFT", t["fx"] - t["fx_merged"], t["peft"] - t["base"], "ms"),
         Row("c", "inference, merged: fxadapt / base model (graph checked: the base graph)", t["fx_merged"], t["base"], "ms", 1.02),
         Row("c", "  noise floor: base model / another instance of it", t["base"], t["base_again"], "ms"),
     ]
@@ -273,7 +278,8 @@ def describe(args) -> str:
         f"RobertaModel(RobertaConfig()) random weights: hidden {shape['hidden_size']}, {args.layers} layers "
         f"(rewrite: {args.depths[0]} and {args.depths[1]}), {shape['num_attention_heads']} heads, ffn {shape['intermediate_size']}; "
         f"batch {args.batch} x seq {args.seq}; LoRA r=8 alpha=8 on q,v; {str(args.dtype).removeprefix('torch.')}\n"
-        f"{device}; medians of {args.repeats} interleaved repeats (rewrite: {args.rewrite_repeats})\n"
+        f"{device}; medians of interleaved repeats: {args.repeats} (inference {2 * args.repeats}, rewrite {args.rewrite_repeats}); "
+        "all models read the same weight tensors\n"
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}, fxadapt {fxadapt.__version__}"
     )
@@ -296,7 +302,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats, aot_eager: checks that the script runs")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default: all)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 11, smoke 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 9, smoke 2)")
     p.add_argument("--rewrite-repeats", type=int, default=None, help="timed repeats of rewrite and export (default 5, smoke 1)")
     p.add_argument("--backend", default=None, help="torch.compile backend, 'none' to skip (default inductor, smoke aot_eager)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
@@ -311,7 +317,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.groups = groups
     args.dtype = getattr(torch, args.dtype)
     args.clock = time.process_time if args.device == "cpu" and args.clock != "wall" else time.perf_counter
-    args.repeats = args.repeats or (2 if args.smoke else 11)
+    args.repeats = args.repeats or (2 if args.smoke else 9)
     args.rewrite_repeats = args.rewrite_repeats or (1 if args.smoke else 5)
     args.backend = args.backend or ("aot_eager" if args.smoke else "inductor")
     args.batch, args.seq = (2, 16) if args.smoke else (8, 128)

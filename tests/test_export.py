@@ -7,9 +7,10 @@ import importlib.util
 
 import pytest
 import torch
+import transformers as T
 
 import fxadapt
-from conftest import build, captured, inputs_for, perturb_
+from conftest import _ENCODER, build, captured, inputs_for
 from fxadapt.export import export_program
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -82,7 +83,9 @@ def test_export_of_merged_llama_is_the_base_program(tmp_path):
     """A merged graph exports to the same program as the base model: only the weights differ."""
     model, base = captured("llama")
     gm = fxadapt.rewrite(model, fxadapt.LoRAConfig(attn_matrices=("q", "k", "v", "o"), intermediate_lora=True))
-    perturb_(gm.get_submodule("model.layers.0.self_attn.q_proj.adapters"))
+    with torch.no_grad():
+        for p in gm.adapter_state_dict("lora").values():
+            p.add_(torch.randn_like(p) * 0.1)
     inputs = _graph_inputs(gm, model, pad=False)
     unmerged = _eval_output(gm, inputs)
     gm.merge_adapter("lora")
@@ -128,3 +131,30 @@ def test_export_onnx_runs_in_onnxruntime_with_the_same_outputs(bert, tmp_path, m
                 torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-4)
     finally:
         gm.reset_adapter()
+
+
+@pytest.fixture(scope="module")
+def one_layer_bert():
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(**{**_ENCODER, "num_hidden_layers": 1})).eval()
+    return model, fxadapt.capture(model)
+
+
+@pytest.mark.parametrize("config_id", sorted(fxadapt.CONFIGS))
+def test_every_method_exports_with_the_eval_outputs(one_layer_bert, config_id):
+    model, gm = one_layer_bert
+    try:
+        gm.add_adapter("x", config_id, set_active=True)
+    except (fxadapt.SiteError, fxadapt.ConfigError) as e:  # the method does not fit the tiny model
+        pytest.skip(f"{config_id} on tiny bert: {e}")
+    try:
+        with torch.no_grad():
+            for i, p in enumerate(gm.adapter_state_dict("x").values()):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+        gm.train()
+        program = export_program(gm)
+        inputs = _graph_inputs(gm, model, batch=3, seq=6)
+        torch.testing.assert_close(program.module()(**inputs)[0], _eval_output(gm, inputs)[0], rtol=1e-5, atol=1e-5)
+    finally:
+        gm.delete_adapter("x")
+        gm.eval()

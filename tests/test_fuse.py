@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxadapt
-from conftest import build, inputs_for, perturb_
+from conftest import build, inputs_for
 from fxadapt.passes import OPTIMIZATIONS
 from fxadapt.passes.dropout import RATE_MODULE
 from fxadapt.passes.fuse import (
@@ -145,10 +145,9 @@ def test_check_merged_accepts_merged_graphs_only():
     base = fxadapt.capture(model)
     gm = fxadapt.rewrite(model, fxadapt.LoRAConfig(attn_matrices=("q", "k", "v", "o"), intermediate_lora=True, output_lora=True))
     gm.add_adapter("ia3", "ia3", set_active=True)
-    perturb_(gm.get_submodule("encoder"), std=0.0)
     with pytest.raises(fxadapt.MergeError, match="adapter node"):
         check_merged(gm)
-    assert any(".loras.lora." in str(n.target) for n in adapter_nodes(gm))
+    assert any(str(n.target).endswith(".lora_A") for n in adapter_nodes(gm))
     gm.merge_adapter(["lora", "ia3"])
     assert adapter_nodes(gm) == []
     check_merged(gm, base)
