@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -104,3 +105,19 @@ def perturb_(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+@contextlib.contextmanager
+def restored(gm, *names: str):
+    """Give a shared capture back as it was: these adapters deleted, every parameter trainable
+    with no gradient, eval mode."""
+    try:
+        yield gm
+    finally:
+        for name in names:
+            if name in gm.adapters:
+                gm.delete_adapter(name)
+        for p in gm.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        gm.eval()

@@ -9,6 +9,7 @@ import torch
 import transformers as T
 
 import fxadapt
+from conftest import restored
 from fxadapt.config import ParBnConfig, PrefixTuningConfig, SeqBnConfig
 from fxadapt.testing import assert_outputs_close
 
@@ -64,7 +65,7 @@ def test_methods_change_the_output_and_train(captured, method):
     name, model, gm = captured
     inputs = _inputs(model)
     gm.add_adapter("m", CONFIGS[method])
-    try:
+    with restored(gm, "m"):
         gm.train_adapter("m")
         gm.eval()
         out = gm(**inputs)[0]
@@ -74,23 +75,16 @@ def test_methods_change_the_output_and_train(captured, method):
         out.pow(2).mean().backward()
         params = gm._adapter_parameters("m")
         assert {id(p) for p in gm.parameters() if p.grad is not None} == {id(p) for p in params}
-    finally:
-        gm.delete_adapter("m")
-        for p in gm.parameters():
-            p.requires_grad_(True)
-            p.grad = None
 
 
 def test_zero_initialised_adapters_keep_the_base(captured):
     _, model, gm = captured
     inputs = _inputs(model)
     gm.add_adapter("z", fxadapt.ConfigUnion(ParBnConfig(), fxadapt.LoRAConfig(attn_matrices=["q", "k", "v", "o"])), set_active=True)
-    try:
+    with restored(gm, "z"):
         with torch.no_grad():
             expected = model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))
             assert_outputs_close(gm(**inputs), expected, mask=inputs["attention_mask"])
-    finally:
-        gm.delete_adapter("z")
 
 
 def test_shared_layers_get_an_adapter_each():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxadapt
-from conftest import build, captured, inputs_for, perturb_, reference
+from conftest import build, captured, inputs_for, perturb_, reference, restored
 from fxadapt.config import CompacterConfig, CompacterPlusPlusConfig, ParBnConfig
 from fxadapt.passes.bottleneck import kronecker
 from fxadapt.testing import assert_outputs_close
@@ -82,7 +82,7 @@ def test_kronecker_is_torch_kron():
 def test_training_reaches_exactly_the_adapter(arch, method):
     model, gm = captured(arch)
     gm.add_adapter("bn", METHODS[method])
-    try:
+    with restored(gm, "bn"):
         gm.train_adapter("bn")
         inputs = inputs_for(model)
         torch.manual_seed(0)
@@ -94,12 +94,6 @@ def test_training_reaches_exactly_the_adapter(arch, method):
         gm.eval()
         with torch.no_grad():
             assert torch.equal(gm(**inputs)[0], gm(**inputs)[0])
-    finally:
-        gm.delete_adapter("bn")
-        for p in gm.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        gm.eval()
 
 
 def test_zero_initialised_parallel_adapter_is_the_base():
@@ -108,16 +102,14 @@ def test_zero_initialised_parallel_adapter_is_the_base():
         model, gm = captured(arch)
         inputs = inputs_for(model)
         gm.add_adapter("par", "parallel", set_active=True)
-        try:
+        with restored(gm, "par"):
             assert_outputs_close(gm(**inputs), reference(model, inputs), mask=inputs["attention_mask"])
-        finally:
-            gm.delete_adapter("par")
 
 
 def test_adapter_dropout_follows_train_and_eval():
     model, gm = captured("bert")
     gm.add_adapter("d", ParBnConfig(dropout=0.5, init_weights="bert"), set_active=True)
-    try:
+    with restored(gm, "d"):
         inputs = inputs_for(model)
         gm.train()
         torch.manual_seed(0)
@@ -125,36 +117,28 @@ def test_adapter_dropout_follows_train_and_eval():
         gm.eval()
         assert torch.equal(gm(**inputs)[0], gm(**inputs)[0])
         assert not torch.allclose(a, gm(**inputs)[0])
-    finally:
-        gm.delete_adapter("d")
-        gm.eval()
 
 
 def test_bottleneck_adapters_refuse_to_merge():
     _, gm = captured("bert")
     gm.add_adapter("p", "pfeiffer", set_active=True)
-    try:
+    with restored(gm, "p"):
         with pytest.raises(fxadapt.MergeError, match="'p'.*cannot be merged"):
             gm.merge_adapter("p")
         assert gm.merged_adapters == []
-    finally:
-        gm.delete_adapter("p")
 
 
 def test_one_bottleneck_per_block_at_a_time():
     _, gm = captured("bert")
     gm.add_adapter("a", "pfeiffer", set_active=True)
     gm.add_adapter("b", "houlsby")
-    try:
+    with restored(gm, "a", "b", "l"):
         with pytest.raises(fxadapt.AdapterError, match="'a' and 'b' both put a bottleneck adapter at layer 0 \\(output\\)"):
             gm.set_active_adapters(["a", "b"])
         assert gm.active_adapters == ["a"]
         gm.set_active_adapters(["b"])  # one at a time is fine, and LoRA composes with either
         gm.add_adapter("l", "lora")
         gm.set_active_adapters(["b", "l"])
-    finally:
-        for n in ("a", "b", "l"):
-            gm.delete_adapter(n)
 
 
 @pytest.mark.parametrize("config, field, value", [
@@ -183,20 +167,16 @@ def test_invalid_bottleneck_configs(kwargs, field):
 def test_per_layer_reduction_factor_and_leave_out():
     _, gm = captured("bert")
     gm.add_adapter("m", fxadapt.config.DoubleSeqBnConfig(reduction_factor={"1": 4, "default": 16}, leave_out=[0]))
-    try:
+    with restored(gm, "m"):
         shapes = {k: tuple(v.shape) for k, v in gm.adapter_state_dict("m").items() if k.endswith("adapter_up.weight")}
         assert shapes == {"encoder.layer.1.attention.output.dense.adapter_up.weight": (32, 8), "encoder.layer.1.output.dense.adapter_up.weight": (32, 8)}
-    finally:
-        gm.delete_adapter("m")
 
 
 def test_summary_architecture_column():
     _, gm = captured("bert")
     gm.add_adapter("pfeiffer", "pfeiffer")
-    try:
+    with restored(gm, "pfeiffer"):
         assert "pfeiffer                 bottleneck" in gm.adapter_summary()
-    finally:
-        gm.delete_adapter("pfeiffer")
 
 
 def test_shared_phm_weights_equal_per_layer_copies():
@@ -207,7 +187,7 @@ def test_shared_phm_weights_equal_per_layer_copies():
     own_cfg = CompacterPlusPlusConfig(reduction_factor=8, init_weights_seed=2)
     gm.add_adapter("shared", shared_cfg)
     gm.add_adapter("own", own_cfg)
-    try:
+    with restored(gm, "shared", "own"):
         shared = gm.adapter_state_dict("shared")
         own = gm.adapter_state_dict("own")
         assert "shared_parameters.W_down_left" in shared and not any(".W_left" in k for k in shared)
@@ -228,38 +208,23 @@ def test_shared_phm_weights_equal_per_layer_copies():
         gm.train_adapter("shared")
         gm(**inputs)[0].sum().backward()
         assert shared["shared_parameters.W_down_left"].grad is not None
-    finally:
-        gm.delete_adapter("shared")
-        gm.delete_adapter("own")
-        for p in gm.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        gm.eval()
 
 
 def test_learn_phm_false_keeps_the_rule_frozen():
     _, gm = captured("bert")
     gm.add_adapter("c", CompacterConfig(reduction_factor=8, learn_phm=False))
-    try:
+    with restored(gm, "c"):
         gm.train_adapter("c")
         state = gm.adapter_state_dict("c")
         assert not state["shared_parameters.phm_rule"].requires_grad
         assert all(t.requires_grad for k, t in state.items() if "phm_rule" not in k)
-    finally:
-        gm.delete_adapter("c")
-        for p in gm.parameters():
-            p.requires_grad_(True)
-        gm.eval()
 
 
 def test_init_weights_seed_makes_initialisation_reproducible():
     _, gm = captured("bert")
     for name in ("a", "b"):
         gm.add_adapter(name, fxadapt.config.DoubleSeqBnInvConfig(init_weights_seed=7))
-    try:
+    with restored(gm, "a", "b"):
         a, b = gm.adapter_state_dict("a"), gm.adapter_state_dict("b")
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not torch.equal(a["encoder.layer.0.output.dense.adapter_down.0.weight"], a["encoder.layer.1.output.dense.adapter_down.0.weight"])
-    finally:
-        gm.delete_adapter("a")
-        gm.delete_adapter("b")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxadapt
-from conftest import ARCHS, build, captured, inputs_for, reference
+from conftest import ARCHS, build, captured, inputs_for, reference, restored
 from fxadapt.config import ConfigUnion, IA3Config, LoRAConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
 from fxadapt.testing import assert_outputs_close
 
@@ -24,7 +24,7 @@ SMALL = {
 def test_trains_on_every_architecture(arch, method):
     model, gm = captured(arch)
     gm.add_adapter("pt", SMALL[method])
-    try:
+    with restored(gm, "pt"):
         gm.train_adapter("pt")
         inputs = inputs_for(model)
         torch.manual_seed(0)
@@ -37,12 +37,6 @@ def test_trains_on_every_architecture(arch, method):
         with torch.no_grad():
             assert torch.equal(gm(**inputs)[0], gm(**inputs)[0])
             assert not torch.allclose(gm(**inputs)[0], reference(model, inputs)[0])  # the prefix changes the output
-    finally:
-        gm.delete_adapter("pt")
-        for p in gm.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        gm.eval()
 
 
 class OneLayer(torch.nn.Module):
@@ -85,12 +79,10 @@ def test_prefix_matches_hand_written_attention(causal):
 def test_prefix_longer_than_the_position_limit():
     model, gm = captured("gpt2")  # n_positions = 64
     gm.add_adapter("long", PrefixTuningConfig(prefix_length=100, bottleneck_size=8), set_active=True)
-    try:
+    with restored(gm, "long"):
         with torch.no_grad():
             out = gm(**inputs_for(model, seq=60))
         assert out.last_hidden_state.shape == (3, 60, 32)
-    finally:
-        gm.delete_adapter("long")
 
 
 def test_causal_sdpa_without_a_mask_gets_the_same_prefix_attention():
@@ -108,7 +100,7 @@ def test_causal_sdpa_without_a_mask_gets_the_same_prefix_attention():
 def test_eject_folds_the_mlp_into_flat_prefixes():
     model, gm = captured("deberta-v2")
     gm.add_adapter("pt", PrefixTuningConfig(prefix_length=6, bottleneck_size=16), set_active=True)
-    try:
+    with restored(gm, "pt", "l"):
         inputs = inputs_for(model)
         with torch.no_grad():
             before = gm(**inputs)[0]
@@ -120,16 +112,12 @@ def test_eject_folds_the_mlp_into_flat_prefixes():
         with pytest.raises(fxadapt.AdapterError, match="no prefix tuning"):
             gm.add_adapter("l", "lora")
             gm.eject_prefix_tuning("l")
-    finally:
-        gm.delete_adapter("pt")
-        if "l" in gm.adapters:
-            gm.delete_adapter("l")
 
 
 def test_gating_scores_are_reported_on_request_only():
     model, gm = captured("roberta")
     gm.add_adapter("u", SMALL["unipelt"], set_active=True)
-    try:
+    with restored(gm, "u"):
         inputs = inputs_for(model)
         with torch.no_grad():
             plain = gm(**inputs)
@@ -142,8 +130,6 @@ def test_gating_scores_are_reported_on_request_only():
         assert scores[0]["selfattn_lora"].shape == (3, 2)  # q and v gates, one column each
         assert scores[0]["self_prefix"].shape == (3,) and scores[0]["output_adapter"].shape == (3,)
         assert all(0 < v.min() and v.max() < 1 for layer in scores.values() for v in layer.values())
-    finally:
-        gm.delete_adapter("u")
 
 
 def test_union_errors_say_which():
@@ -159,38 +145,31 @@ def test_union_errors_say_which():
 def test_union_adapters_do_not_merge_and_summarise_as_union():
     _, gm = captured("bert")
     gm.add_adapter("mam", SMALL["mam"])
-    try:
+    with restored(gm, "mam"):
         assert "mam                      union" in gm.adapter_summary()
         with pytest.raises(fxadapt.MergeError):
             gm.merge_adapter("mam")
-    finally:
-        gm.delete_adapter("mam")
 
 
 def test_one_prefix_per_attention_at_a_time():
     _, gm = captured("bert")
     gm.add_adapter("a", SMALL["prefix"], set_active=True)
     gm.add_adapter("b", SMALL["flat"])
-    try:
+    with restored(gm, "a", "b"):
         with pytest.raises(fxadapt.AdapterError, match="both put a prefix adapter"):
             gm.set_active_adapters(["a", "b"])
-    finally:
-        gm.delete_adapter("a")
-        gm.delete_adapter("b")
 
 
 def test_compiles_whole_with_prefix_and_gates():
     import torch._dynamo
     model, gm = captured("bert")
     gm.add_adapter("u", SMALL["unipelt"], set_active=True)
-    try:
+    with restored(gm, "u"):
         inputs = inputs_for(model)
         torch._dynamo.reset()
         compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
             assert_outputs_close(compiled(**inputs), gm(**inputs), rtol=1e-5, atol=1e-6)
-    finally:
-        gm.delete_adapter("u")
 
 
 def test_union_of_lora_and_bottleneck_on_the_same_projection():
@@ -198,7 +177,7 @@ def test_union_of_lora_and_bottleneck_on_the_same_projection():
     # separate weights (AdapterHub's containers: loras, adapters).
     model, gm = captured("bert")
     gm.add_adapter("u", ConfigUnion(LoRAConfig(selfattn_lora=False, output_lora=True, init_weights="bert"), SeqBnConfig()), set_active=True)
-    try:
+    with restored(gm, "u"):
         keys = sorted(k for k in gm.adapter_state_dict("u") if k.startswith("encoder.layer.0.output.dense."))
         assert keys == ["encoder.layer.0.output.dense.adapter_down.0.bias", "encoder.layer.0.output.dense.adapter_down.0.weight",
                         "encoder.layer.0.output.dense.adapter_up.bias", "encoder.layer.0.output.dense.adapter_up.weight",
@@ -206,9 +185,3 @@ def test_union_of_lora_and_bottleneck_on_the_same_projection():
         gm.train_adapter("u")
         gm(**inputs_for(model))[0].sum().backward()
         assert all(p.grad is not None for p in gm._adapter_parameters("u"))
-    finally:
-        gm.delete_adapter("u")
-        for p in gm.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        gm.eval()
