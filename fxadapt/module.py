@@ -27,6 +27,7 @@ from .errors import AdapterError, InputError, MergeError
 from .passes import METHODS, OPTIMIZATIONS, insert_adapters
 from .passes.bottleneck import frozen_parameters
 from .passes.dropout import RATE_MODULE, DropoutRate
+from .passes.fuse import hoist_attribute_paths
 from .plan import Placement, annotate, gate_location, plan
 from .passes.gating import GateRecorder, connect
 from .sites import Attention, Block, Linear, Site, analyse, find_blocks
@@ -396,6 +397,22 @@ class AdaptedModule(CheckpointMixin, GraphModule):
     def _base_parameters(self):
         adapter_ids = {id(p) for name in self._fx_adapters for p in self._adapter_parameters(name)}
         return [(k, p) for k, p in self.named_parameters() if id(p) not in adapter_ids]
+
+    def recompile(self):
+        """Generate ``forward`` from ``self.graph`` as GraphModule does, from a copy in which each
+        submodule is looked up once per call (:func:`~fxadapt.passes.fuse.hoist_attribute_paths`)."""
+        graph = self._graph
+        self._graph, origin = hoist_attribute_paths(graph)
+        try:
+            code = super().recompile()
+        finally:
+            lean, self._graph = self._graph, graph
+        # Line -> node index, as torch.compile reads it against self.graph to keep node metadata.
+        index = {node: i for i, node in enumerate(graph.nodes)}
+        lean_nodes = list(lean.nodes)
+        self._lineno_map = {line: None if i is None else index.get(origin.get(lean_nodes[i]))
+                            for line, i in (self._lineno_map or {}).items()}
+        return code
 
     def __deepcopy__(self, memo):
         res = type(self).__new__(type(self))

@@ -9,6 +9,10 @@
   (what :func:`fxadapt.export` writes).
 - :func:`adapter_nodes` / :func:`check_merged`: a merged graph holds no adapter node and is the
   base graph, node for node.
+- :func:`hoist_attribute_paths`: the code an AdaptedModule runs looks each submodule up once per
+  call rather than once per weight (``self.encoder.layer[0].attention.self.query`` once for its
+  weight, bias and LoRA matrices); Python's attribute lookups are most of what an eager call costs
+  beyond the kernels, which on a GPU is most of a call.
 
 :func:`optimize` runs the enabled passes; it is registered in ``fxadapt.passes.OPTIMIZATIONS``, so
 every rebuild of an :class:`~fxadapt.AdaptedModule` applies it after the adapters are inserted.
@@ -30,7 +34,7 @@ from .dropout import RATE_MODULE
 aten = torch.ops.aten
 
 __all__ = ["FuseOptions", "set_options", "get_options", "optimize", "fuse_lora_a", "remove_dead_dropout",
-           "specialize_eval", "adapter_nodes", "check_merged"]
+           "specialize_eval", "adapter_nodes", "check_merged", "hoist_attribute_paths"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,39 @@ def fuse_lora_a(gm: GraphModule, graph: Graph) -> int:
                 graph.erase_node(a)
         fused += len(linears) - 1
     return fused
+
+
+# -- code generation --------------------------------------------------------------------------
+
+
+def hoist_attribute_paths(graph: Graph) -> tuple[Graph, dict[Node, Node]]:
+    """A copy of ``graph`` to generate code from, in which ``get_attr("a.b.c.weight")`` becomes
+    ``getattr(<a.b.c>, "weight")`` with each submodule ``a``, ``a.b``, ``a.b.c`` looked up once, where
+    it is first needed; and, for each node of the copy made from a node of ``graph``, that node.
+
+    It computes the same: every lookup still happens on each call, through ``getattr``, so replaced
+    or reparametrised weights are read as before. ``graph`` is unchanged (passes keep reading
+    ``get_attr`` nodes)."""
+    new = Graph(tracer_cls=graph._tracer_cls)
+    new._codegen = graph._codegen
+    modules: dict[str, Node] = {}
+
+    def module(path: str) -> Node:
+        if path not in modules:
+            parent, _, leaf = path.rpartition(".")
+            modules[path] = (new.create_node("call_function", getattr, (module(parent), leaf), name=path.replace(".", "_"))
+                             if parent else new.get_attr(path))
+        return modules[path]
+
+    env: dict[Node, Node] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and "." in node.target:
+            parent, _, leaf = node.target.rpartition(".")
+            env[node] = new.create_node("call_function", getattr, (module(parent), leaf), name=node.name)
+        else:
+            env[node] = new.node_copy(node, env.__getitem__)
+        env[node].meta = node.meta
+    return new, {copy: node for node, copy in env.items()}
 
 
 # -- merged graphs ----------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""On a CUDA device: capture, rewrite, train with inductor, merge in bfloat16, export and save/load
+models whose weights live on the GPU. Skipped where torch sees no CUDA device (CI has none);
+``benchmarks/gpu.sh`` runs these with the GPU benchmark. ``FXADAPT_TEST_DEVICE=cpu`` runs them on
+the CPU (to check the tests themselves)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+import fxadapt
+from conftest import _DECODER, _ENCODER, inputs_for
+
+DEVICE = os.environ.get("FXADAPT_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+BUILDERS = {  # one layer, as in test_compile: every kind of site, shorter compilations
+    "bert": lambda: T.BertModel(T.BertConfig(**{**_ENCODER, "num_hidden_layers": 1})),
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**{**_DECODER, "num_hidden_layers": 1})),
+}
+
+
+def _on_device(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BUILDERS[arch]().to(DEVICE, dtype).eval()
+
+
+def _device_inputs(model, **kw) -> dict:
+    return {k: v.to(DEVICE) for k, v in inputs_for(model, **kw).items()}
+
+
+def _perturb(gm, name: str) -> None:
+    """Move the adapter's weights off their initial values, so that it acts."""
+    with torch.no_grad():
+        for i, p in enumerate(gm.adapter_state_dict(name).values()):
+            g = torch.Generator(p.device).manual_seed(i)
+            p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.1)
+
+
+def test_capture_on_device_runs_other_shapes_with_the_models_outputs():
+    model = _on_device("llama")
+    gm = fxadapt.capture(model)
+    assert next(gm.parameters()).device.type == DEVICE
+    for batch, seq in ((1, 5), (4, 40)):
+        inputs = _device_inputs(model, batch=batch, seq=seq)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(**inputs).logits, model(**inputs, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, config_id", [
+    *(("bert", c) for c in ("lora", "ia3", "pfeiffer", "houlsby+inv", "scaled_parallel", "compacter++", "prefix_tuning", "mam", "unipelt")),
+    *(("llama", c) for c in ("lora", "prefix_tuning", "unipelt")),
+])
+def test_inductor_training_step_on_device_matches_eager(arch, config_id):
+    model = _on_device(arch)
+    gm = fxadapt.rewrite(model, config_id, name="x")
+    _perturb(gm, "x")
+    gm.train_adapter("x")
+    inputs = _device_inputs(model)
+    params = [p for p in gm.parameters() if p.requires_grad]
+
+    def step(module):
+        torch.manual_seed(0)
+        out = module(**inputs)[0]
+        return out, torch.autograd.grad(out.float().pow(2).mean(), params)
+
+    with torch._inductor.config.patch(fallback_random=True):  # dropout draws as eager does
+        got, got_grads = step(torch.compile(gm, fullgraph=True))
+    expected, expected_grads = step(gm)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+
+
+def test_bfloat16_merge_equals_unmerged_and_reset_is_bit_exact():
+    model = _on_device("llama", torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxadapt.rewrite(model, fxadapt.LoRAConfig(attn_matrices=("q", "k", "v", "o"), intermediate_lora=True, output_lora=True))
+    gm.add_adapter("ia3", "ia3", set_active=True)
+    gm.set_active_adapters(["lora", "ia3"])
+    for name in ("lora", "ia3"):
+        _perturb(gm, name)
+    inputs = _device_inputs(model)
+    with torch.no_grad():
+        unmerged = gm(**inputs).logits
+        gm.merge_adapter(["lora", "ia3"])
+        merged = gm(**inputs).logits
+        gm.reset_adapter()
+        gm.set_active_adapters(None)
+        base = gm(**inputs).logits
+    assert not torch.allclose(unmerged, base)
+    torch.testing.assert_close(merged, unmerged, rtol=3e-2, atol=3e-2)  # bfloat16 rounding of W + BA
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_export_on_device_keeps_dynamic_shapes_and_round_trips(tmp_path):
+    model = _on_device("bert")
+    gm = fxadapt.rewrite(model, "unipelt")
+    _perturb(gm, "unipelt")
+    program = fxadapt.export(gm, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    gm.eval()
+    for batch, seq in ((1, 5), (3, 30)):
+        inputs = gm._fx_inputs.bind("BertModel", (), _device_inputs(model, batch=batch, seq=seq))
+        with torch.no_grad():
+            expected = gm(**inputs)[0]
+            for module in (program.module(), loaded):
+                torch.testing.assert_close(module(**inputs)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_load_adapter_of_a_device_model_is_bit_identical(tmp_path):
+    model = _on_device("llama")
+    gm = fxadapt.rewrite(model, "mam")
+    _perturb(gm, "mam")
+    inputs = _device_inputs(model)
+    with torch.no_grad():
+        expected = gm(**inputs).logits
+    gm.save_adapter(tmp_path / "mam", "mam")
+    gm.delete_adapter("mam")
+    name = gm.load_adapter(tmp_path / "mam")
+    gm.set_active_adapters(name)
+    assert all(p.device.type == DEVICE for p in gm.adapter_state_dict(name).values())
+    with torch.no_grad():
+        assert torch.equal(gm(**inputs).logits, expected)
