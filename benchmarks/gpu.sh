@@ -35,7 +35,7 @@ tests=0
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 } > "$out/env.txt" 2>&1
 if [[ $smoke == 0 ]]; then
-  timeout 180 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" || tests=$?
+  timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" || tests=$?
 fi
-timeout 330 "$python" benchmarks/bench.py "${args[@]}" --json "$out/bench.json" | tee "$out/bench.md"
+timeout 320 "$python" benchmarks/bench.py "${args[@]}" --json "$out/bench.json" | tee "$out/bench.md"
 exit $tests

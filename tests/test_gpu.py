@@ -50,32 +50,6 @@ def test_capture_on_device_runs_other_shapes_with_the_models_outputs():
             torch.testing.assert_close(gm(**inputs).logits, model(**inputs, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch, config_id", [
-    *(("bert", c) for c in ("lora", "ia3", "pfeiffer", "houlsby+inv", "scaled_parallel", "compacter++", "prefix_tuning", "mam", "unipelt")),
-    *(("llama", c) for c in ("lora", "prefix_tuning", "unipelt")),
-])
-def test_inductor_training_step_on_device_matches_eager(arch, config_id):
-    model = _on_device(arch)
-    gm = fxadapt.rewrite(model, config_id, name="x")
-    _perturb(gm, "x")
-    gm.train_adapter("x")
-    inputs = _device_inputs(model)
-    params = [p for p in gm.parameters() if p.requires_grad]
-
-    def step(module):
-        torch.manual_seed(0)
-        out = module(**inputs)[0]
-        return out, torch.autograd.grad(out.float().pow(2).mean(), params)
-
-    with torch._inductor.config.patch(fallback_random=True):  # dropout draws as eager does
-        got, got_grads = step(torch.compile(gm, fullgraph=True))
-    expected, expected_grads = step(gm)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    for g, e in zip(got_grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
-
-
 def test_bfloat16_merge_equals_unmerged_and_reset_is_bit_exact():
     model = _on_device("llama", torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -127,3 +101,29 @@ def test_save_and_load_adapter_of_a_device_model_is_bit_identical(tmp_path):
     assert all(p.device.type == DEVICE for p in gm.adapter_state_dict(name).values())
     with torch.no_grad():
         assert torch.equal(gm(**inputs).logits, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, config_id", [
+    *(("bert", c) for c in ("lora", "ia3", "pfeiffer", "houlsby+inv", "scaled_parallel", "compacter++", "prefix_tuning", "mam", "unipelt")),
+    *(("llama", c) for c in ("lora", "prefix_tuning", "unipelt")),
+])
+def test_inductor_training_step_on_device_matches_eager(arch, config_id):
+    model = _on_device(arch)
+    gm = fxadapt.rewrite(model, config_id, name="x")
+    _perturb(gm, "x")
+    gm.train_adapter("x")
+    inputs = _device_inputs(model)
+    params = [p for p in gm.parameters() if p.requires_grad]
+
+    def step(module):
+        torch.manual_seed(0)
+        out = module(**inputs)[0]
+        return out, torch.autograd.grad(out.float().pow(2).mean(), params)
+
+    with torch._inductor.config.patch(fallback_random=True):  # dropout draws as eager does
+        got, got_grads = step(torch.compile(gm, fullgraph=True))
+    expected, expected_grads = step(gm)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
