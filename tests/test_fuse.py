@@ -1,5 +1,5 @@
 """Graph optimisations (fxadapt.passes.fuse): LoRA A fusion, dead dropout removal, eval
-specialisation, and the merged-graph checker. Each: rewrite, lint, compare against the unoptimised graph."""
+specialisation, the merged-graph checker, and code generation that looks submodules up once. Each: rewrite, lint, compare against the unoptimised graph."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from conftest import build, inputs_for
 from fxadapt.passes import OPTIMIZATIONS
 from fxadapt.passes.dropout import RATE_MODULE
 from fxadapt.passes.fuse import (
-    FuseOptions, adapter_nodes, check_merged, get_options, optimize, remove_dead_dropout, set_options, specialize_eval,
+    FuseOptions, adapter_nodes, check_merged, get_options, hoist_attribute_paths, optimize, remove_dead_dropout,
+    set_options, specialize_eval,
 )
 
 aten = torch.ops.aten
@@ -168,3 +169,53 @@ def test_check_merged_with_fused_lora_a_before_the_merge():
         check_merged(gm)
     gm.merge_adapter("lora")
     check_merged(gm, fxadapt.capture(model))
+
+
+class _CountLookups:
+    """Counts nn.Module.__getattr__ calls (lookups of parameters, buffers and submodules) while on."""
+
+    def __enter__(self):
+        self.count, original = 0, nn.Module.__getattr__
+        self._original = original
+
+        def counting(module, name):
+            self.count += 1
+            return original(module, name)
+
+        nn.Module.__getattr__ = counting
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.__getattr__ = self._original
+
+
+def test_generated_code_looks_each_submodule_up_once_and_computes_what_the_graph_does():
+    model = build("llama")
+    gm = fxadapt.rewrite(model, fxadapt.LoRAConfig(init_weights="bert", attn_matrices=("q", "k", "v", "o")))
+    inputs = gm._fx_inputs.bind("LlamaForCausalLM", (), inputs_for(model))
+    graph_copy, origin = hoist_attribute_paths(gm.graph)
+    graph_copy.lint()
+    assert set(origin.values()) == set(gm.graph.nodes) and all(n.op != "get_attr" or "." not in n.target for n in graph_copy.nodes)
+    paths = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    modules = {".".join(t.split(".")[:i]) for t in paths for i in range(1, t.count(".") + 1)}
+    with torch.no_grad(), _CountLookups() as lookups:
+        got = torch.fx.GraphModule.__call__(gm, **inputs)  # forward alone: no hooks
+    assert lookups.count <= len(paths) + len(modules) + 2  # + the dropout-rate module and the guards
+    with torch.no_grad():
+        expected = torch.fx.Interpreter(gm).run(*inputs.values())  # the graph itself, node by node
+    assert torch.equal(got.logits, expected.logits)
+
+
+def test_generated_code_reads_weights_that_were_replaced_after_the_rewrite():
+    model = build("bert")
+    gm = fxadapt.rewrite(model, "lora")
+    inputs = inputs_for(model)
+    query = gm.get_submodule("encoder.layer.0.attention.self.query")
+    with torch.no_grad():
+        before = gm(**inputs)[0]
+        zeros = {"encoder.layer.0.attention.self.query.weight": torch.zeros_like(query.weight)}
+        swapped = torch.func.functional_call(gm, zeros, (), inputs)[0]
+        query.weight = nn.Parameter(torch.zeros_like(query.weight))
+        assigned = gm(**inputs)[0]
+    assert not torch.allclose(before, assigned)
+    torch.testing.assert_close(swapped, assigned, rtol=0, atol=0)
