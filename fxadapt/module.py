@@ -414,6 +414,13 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                             for line, i in (self._lineno_map or {}).items()}
         return code
 
+    def __reduce__(self):
+        raise InputError(
+            "an AdaptedModule cannot be pickled (torch.save of the module): save the adapter with "
+            "gm.save_adapter(dir, name), the whole model with gm.merge_and_unload().save_pretrained(dir), "
+            "or a deployable program with fxadapt.export(gm, path)"
+        )
+
     def __deepcopy__(self, memo):
         res = type(self).__new__(type(self))
         memo[id(self)] = res

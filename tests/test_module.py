@@ -200,3 +200,9 @@ def test_deepcopy_keeps_adapters(bert):
     clone.merge_adapter("a")
     assert gm.merged_adapters == [] and clone.merged_adapters == ["a"]
     assert isinstance(clone, fxadapt.AdaptedModule)
+
+
+def test_pickling_says_how_to_save_instead(bert, tmp_path):
+    _, gm = bert
+    with pytest.raises(fxadapt.errors.InputError, match="save_adapter"):
+        torch.save(gm, tmp_path / "gm.pt")
