@@ -11,8 +11,8 @@
   base graph, node for node.
 - :func:`hoist_attribute_paths`: the code an AdaptedModule runs looks each submodule up once per
   call rather than once per weight (``self.encoder.layer[0].attention.self.query`` once for its
-  weight, bias and LoRA matrices); Python's attribute lookups are most of what an eager call costs
-  beyond the kernels, which on a GPU is most of a call.
+  weight, bias and LoRA matrices). Attribute lookups were a large part of what an eager call costs
+  beyond its kernels, and on a GPU that per-call cost is most of a call.
 
 :func:`optimize` runs the enabled passes; it is registered in ``fxadapt.passes.OPTIMIZATIONS``, so
 every rebuild of an :class:`~fxadapt.AdaptedModule` applies it after the adapters are inserted.
