@@ -279,7 +279,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> Grap
             "Pass example_inputs / example_kwargs that run the model (decoders: with use_cache=False), "
             "or dynamic_shapes in torch.export's format if a dimension must stay fixed."
         ) from e
-    return program.module()
+    with warnings.catch_warnings():  # torch 2.6 warns about its own constant attributes while unlifting them
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*does not reference an nn.Module, nn.Parameter, or buffer", category=UserWarning)
+        return program.module()
 
 
 def _training_rates(model, args, kwargs, exported: GraphModule):

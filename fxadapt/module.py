@@ -8,6 +8,10 @@ Weights and the user's model: the captured graph reads the model's own Parameter
 ``merge_adapter`` never writes into them: it puts new, merged tensors on this module and keeps the
 originals, which ``reset_adapter`` puts back (the same objects, so bit for bit).
 ``train_adapter`` sets ``requires_grad=False`` on the base parameters, which the model shares.
+
+Devices: a captured graph names the device its ops create tensors on (``arange(..., device=cpu)``).
+``.to(device)`` / ``.cuda()`` move what the module holds (parameters, buffers, the graph's constant
+tensors, the originals of merged weights) and point those ops at the new device.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.fx import GraphModule
 
 from .capture import InputSpec
@@ -87,6 +92,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_active: list[str] = []
         gm._fx_merged: list[str] = []
         gm._fx_originals: dict[str, nn.Parameter] = {}
+        gm._fx_capture_device = gm._fx_device = _single_device(gm)
         gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
         gm.register_forward_hook(_attach_gating_scores, always_call=True)
         gm._rebuild()
@@ -100,6 +106,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         insert_adapters(self, graph)
         for optimize in OPTIMIZATIONS:
             optimize(self, graph)
+        if self._fx_device != self._fx_capture_device:
+            retarget_devices(graph, self._fx_capture_device, self._fx_device)
         graph.lint()
         self.graph = graph
         self.recompile()
@@ -414,6 +422,33 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                             for line, i in (self._lineno_map or {}).items()}
         return code
 
+    def _apply(self, fn, recurse=True):
+        """What ``.to()``, ``.cuda()``, ``.half()``... do, also to the graph's constant tensors and the
+        originals of merged weights; after a move to one device, the graph's ops create tensors there."""
+        super()._apply(fn, recurse)
+        if "_fx_base" not in self.__dict__:  # still being constructed
+            return self
+        with torch.no_grad():
+            for node in self._fx_base.nodes:
+                if node.op == "get_attr":
+                    owner, leaf = _owner(self, node.target)
+                    value = owner.__dict__.get(leaf)
+                    if isinstance(value, torch.Tensor):  # a constant: neither parameter nor buffer
+                        setattr(owner, leaf, fn(value))
+            for path, original in self._fx_originals.items():
+                applied = fn(original)
+                try:
+                    original.data = applied  # the same object, as Module._apply keeps parameters
+                except RuntimeError:  # another kind of tensor (e.g. meta): a new parameter, as Module._apply makes
+                    self._fx_originals[path] = nn.Parameter(applied, original.requires_grad)
+        device = _single_device(self)
+        if None not in (device, self._fx_device) and device != self._fx_device:
+            self._fx_device = device
+            if getattr(self, "_fx_example", None) is not None:
+                self._fx_example = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), self._fx_example)
+            self._rebuild()
+        return self
+
     def __reduce__(self):
         raise InputError(
             "an AdaptedModule cannot be pickled (torch.save of the module): save the adapter with "
@@ -464,6 +499,25 @@ def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
         if torch.compiler.is_compiling():
             return None
     return (), spec.bind(module._fx_model_name, args, kwargs)
+
+
+def _single_device(module: nn.Module) -> torch.device | None:
+    """The one device all of ``module``'s parameters and buffers are on; None for none or several."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def retarget_devices(graph: torch.fx.Graph, old: torch.device, new: torch.device) -> None:
+    """Point every device argument of ``graph``'s nodes that names ``old`` at ``new``."""
+
+    def retarget(value):
+        if isinstance(value, torch.device) and value.type == old.type and (value.index == old.index or None in (value.index, old.index)):
+            return new
+        return value
+
+    for node in graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, retarget)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, retarget)
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:

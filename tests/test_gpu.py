@@ -50,6 +50,27 @@ def test_capture_on_device_runs_other_shapes_with_the_models_outputs():
             torch.testing.assert_close(gm(**inputs).logits, model(**inputs, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_rewritten_on_the_cpu_then_moved_computes_the_same():
+    torch.manual_seed(0)
+    model = BUILDERS["llama"]().eval()
+    gm = fxadapt.rewrite(model, "unipelt")
+    _perturb(gm, "unipelt")
+    gm.add_adapter("lora", "lora", set_active=False)
+    _perturb(gm, "lora")
+    gm.set_active_adapters(["unipelt", "lora"])
+    gm.merge_adapter("lora")
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        expected = gm(**inputs).logits
+        gm.to(DEVICE)
+        got = gm(**{k: v.to(DEVICE) for k, v in inputs.items()}).logits
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+        gm.reset_adapter("lora")
+        assert all(p.device.type == DEVICE for p in gm.parameters())
+        gm.cpu()  # and back, with the LoRA now acting unmerged
+        torch.testing.assert_close(gm(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_merge_equals_unmerged_and_reset_is_bit_exact():
     model = _on_device("llama", torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}

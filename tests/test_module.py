@@ -206,3 +206,29 @@ def test_pickling_says_how_to_save_instead(bert, tmp_path):
     _, gm = bert
     with pytest.raises(fxadapt.errors.InputError, match="save_adapter"):
         torch.save(gm, tmp_path / "gm.pt")
+
+
+@pytest.mark.parametrize("config_id", ["lora", "unipelt", "houlsby+inv"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "deberta-v2"])
+def test_to_another_device_moves_the_graphs_tensors_and_ops(arch, config_id):
+    """.to(device) after the capture: the ops that create tensors (arange, masks, copies) create
+    them on the new device, and constants and merged weights' originals move too. The meta device
+    stands in for an accelerator here (tests/test_gpu.py does the same on CUDA, with values)."""
+    model = build(arch)
+    gm = fxadapt.rewrite(model, config_id)
+    gm.add_adapter("l", "lora")
+    gm.merge_adapter("l")
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        shape = gm(**inputs)[0].shape
+    gm.to("meta")
+    named = {a for n in gm.graph.nodes for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device)}
+    assert named <= {torch.device("meta")}
+    with torch.no_grad():
+        out = gm(**{k: v.to("meta") for k, v in inputs.items()})[0]
+    assert out.device.type == "meta" and out.shape == shape
+    constants = [getattr(gm.get_submodule(n.target.rpartition(".")[0]), n.target.rpartition(".")[2])
+                 for n in gm.graph.nodes if n.op == "get_attr"]
+    gm.reset_adapter("l")
+    tensors = [*gm.parameters(), *gm.buffers(), *constants]
+    assert all(t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor))

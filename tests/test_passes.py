@@ -98,7 +98,7 @@ def test_ia3_scales_outputs_of_k_v_and_ffn_in():
         reference.qkv.bias.mul_(scale)
         reference.up.weight.mul_(sd["up.scale"][:, None])
         reference.up.bias.mul_(sd["up.scale"])
-    torch.testing.assert_close(gm(x), reference(x))
+    torch.testing.assert_close(gm(x), reference(x), rtol=1e-4, atol=1e-4)  # scaled outputs vs scaled weights: rounding
 
 
 def test_zero_init_is_exactly_the_base():
