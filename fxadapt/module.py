@@ -17,6 +17,7 @@ tensors, the originals of merged weights) and point those ops at the new device.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -93,6 +94,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_merged: list[str] = []
         gm._fx_originals: dict[str, nn.Parameter] = {}
         gm._fx_capture_device = gm._fx_device = _single_device(gm)
+        gm._fx_dtype = _float_dtype(gm)
         gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
         gm.register_forward_hook(_attach_gating_scores, always_call=True)
         gm._rebuild()
@@ -441,6 +443,13 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                     original.data = applied  # the same object, as Module._apply keeps parameters
                 except RuntimeError:  # another kind of tensor (e.g. meta): a new parameter, as Module._apply makes
                     self._fx_originals[path] = nn.Parameter(applied, original.requires_grad)
+        dtype = _float_dtype(self)
+        if None not in (dtype, self._fx_dtype) and dtype != self._fx_dtype:
+            warnings.warn(
+                f"fxadapt: {self._fx_model_name} was captured in {self._fx_dtype} and its weights are now {dtype}; "
+                f"the graph's ops keep the dtypes they were captured with (masks, casts), which may not fit. "
+                f"Capture the model in {dtype} to run it in {dtype}", stacklevel=3)
+            self._fx_dtype = dtype
         device = _single_device(self)
         if None not in (device, self._fx_device) and device != self._fx_device:
             self._fx_device = device
@@ -505,6 +514,12 @@ def _single_device(module: nn.Module) -> torch.device | None:
     """The one device all of ``module``'s parameters and buffers are on; None for none or several."""
     devices = {t.device for t in (*module.parameters(), *module.buffers())}
     return devices.pop() if len(devices) == 1 else None
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The one floating dtype of ``module``'s parameters; None for none or several."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def retarget_devices(graph: torch.fx.Graph, old: torch.device, new: torch.device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -232,3 +233,12 @@ def test_to_another_device_moves_the_graphs_tensors_and_ops(arch, config_id):
     gm.reset_adapter("l")
     tensors = [*gm.parameters(), *gm.buffers(), *constants]
     assert all(t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor))
+
+
+def test_casting_after_the_capture_warns_that_the_graphs_dtypes_stay(bert):
+    _, gm = bert
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm.to("cpu", torch.float32)  # nothing changes: no warning
+    with pytest.warns(UserWarning, match="captured in torch.float32 and its weights are now torch.bfloat16"):
+        gm.to(torch.bfloat16)
