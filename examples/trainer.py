@@ -24,7 +24,6 @@ import os
 import tempfile
 
 import numpy as np
-import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
 import bbc_news

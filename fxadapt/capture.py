@@ -112,7 +112,6 @@ def capture(
         raise CaptureError("this model is already an AdaptedModule: add adapters to it with add_adapter()")
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() takes an nn.Module, got {type(model).__name__}")
-    name = type(model).__name__
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     hf = _is_transformers(model)

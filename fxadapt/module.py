@@ -28,7 +28,7 @@ from torch.fx import GraphModule
 
 from .capture import InputSpec
 from .checkpoint import CheckpointMixin
-from .config import AdapterConfig, config_id, resolve_config
+from .config import AdapterConfig, resolve_config
 from .errors import AdapterError, InputError, MergeError
 from .passes import METHODS, OPTIMIZATIONS, insert_adapters
 from .passes.bottleneck import frozen_parameters
@@ -93,8 +93,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_active: list[str] = []
         gm._fx_merged: list[str] = []
         gm._fx_originals: dict[str, nn.Parameter] = {}
-        gm._fx_capture_device = gm._fx_device = _single_device(gm)
-        gm._fx_dtype = _float_dtype(gm)
+        gm._fx_capture_device, gm._fx_capture_dtype = _single_device(gm), _float_dtype(gm)
         gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
         gm.register_forward_hook(_attach_gating_scores, always_call=True)
         gm._rebuild()
@@ -108,8 +107,9 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         insert_adapters(self, graph)
         for optimize in OPTIMIZATIONS:
             optimize(self, graph)
-        if self._fx_device != self._fx_capture_device:
-            retarget_devices(graph, self._fx_capture_device, self._fx_device)
+        device = _single_device(self)
+        if None not in (device, self._fx_capture_device) and device != self._fx_capture_device:
+            retarget_devices(graph, self._fx_capture_device, device)
         graph.lint()
         self.graph = graph
         self.recompile()
@@ -427,9 +427,10 @@ class AdaptedModule(CheckpointMixin, GraphModule):
     def _apply(self, fn, recurse=True):
         """What ``.to()``, ``.cuda()``, ``.half()``... do, also to the graph's constant tensors and the
         originals of merged weights; after a move to one device, the graph's ops create tensors there."""
-        super()._apply(fn, recurse)
         if "_fx_base" not in self.__dict__:  # still being constructed
-            return self
+            return super()._apply(fn, recurse)
+        device_before, dtype_before = _single_device(self), _float_dtype(self)
+        super()._apply(fn, recurse)
         with torch.no_grad():
             for node in self._fx_base.nodes:
                 if node.op == "get_attr":
@@ -444,15 +445,13 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                 except RuntimeError:  # another kind of tensor (e.g. meta): a new parameter, as Module._apply makes
                     self._fx_originals[path] = nn.Parameter(applied, original.requires_grad)
         dtype = _float_dtype(self)
-        if None not in (dtype, self._fx_dtype) and dtype != self._fx_dtype:
+        if dtype not in (dtype_before, self._fx_capture_dtype, None):
             warnings.warn(
-                f"fxadapt: {self._fx_model_name} was captured in {self._fx_dtype} and its weights are now {dtype}; "
+                f"fxadapt: {self._fx_model_name} was captured in {self._fx_capture_dtype} and its weights are now {dtype}; "
                 f"the graph's ops keep the dtypes they were captured with (masks, casts), which may not fit. "
                 f"Capture the model in {dtype} to run it in {dtype}", stacklevel=3)
-            self._fx_dtype = dtype
         device = _single_device(self)
-        if None not in (device, self._fx_device) and device != self._fx_device:
-            self._fx_device = device
+        if device is not None and device != device_before:
             if getattr(self, "_fx_example", None) is not None:
                 self._fx_example = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), self._fx_example)
             self._rebuild()

@@ -41,6 +41,11 @@ BUILDERS = {
     "phi3": lambda: T.Phi3Model(T.Phi3Config(**{**_DECODER, "num_key_value_heads": 4})),
 }
 ARCHS = list(BUILDERS)
+# One layer, for compilations: dynamo's time grows with the graph, and one layer has every kind of site.
+ONE_LAYER = {
+    "bert": lambda: T.BertModel(T.BertConfig(**{**_ENCODER, "num_hidden_layers": 1})),
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**{**_DECODER, "num_hidden_layers": 1})),
+}
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -99,12 +104,13 @@ def captured(arch: str):
     return _captured(arch)
 
 
-def perturb_(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
-    """Move adapter weights away from their initial values, reproducibly."""
+def perturb_(weights, std: float = 0.1, seed: int = 0) -> None:
+    """Move adapter weights (a module's parameters, or the tensors given) away from their initial
+    values, reproducibly, on whatever device they are."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+        for p in weights.parameters() if isinstance(weights, torch.nn.Module) else weights:
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
 
 
 @contextlib.contextmanager
@@ -121,3 +127,21 @@ def restored(gm, *names: str):
             p.requires_grad_(True)
             p.grad = None
         gm.eval()
+
+
+def assert_inductor_step_matches_eager(gm, inputs: dict, *, rtol: float, atol: float, grad_rtol: float, grad_atol: float) -> None:
+    """One step of ``gm`` compiled whole with inductor against eager: same main output and same
+    gradients of the parameters that require them (dropout draws as eager does)."""
+    params = [p for p in gm.parameters() if p.requires_grad]
+
+    def step(module):
+        torch.manual_seed(0)
+        out = module(**inputs)[0]
+        return out, torch.autograd.grad(out.float().pow(2).mean(), params)
+
+    with torch._inductor.config.patch(fallback_random=True):
+        got, got_grads = step(torch.compile(gm, fullgraph=True))
+    expected, expected_grads = step(gm)
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=grad_rtol, atol=grad_atol)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxadapt
-from conftest import build, captured, inputs_for, perturb_, reference, restored
+from conftest import captured, inputs_for, perturb_, reference, restored
 from fxadapt.config import CompacterConfig, CompacterPlusPlusConfig, ParBnConfig
 from fxadapt.passes.bottleneck import kronecker
 from fxadapt.testing import assert_outputs_close

@@ -8,25 +8,19 @@ import functools
 
 import pytest
 import torch
-import transformers as T
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxadapt
-from conftest import _DECODER, _ENCODER, inputs_for
+from conftest import ONE_LAYER, assert_inductor_step_matches_eager, inputs_for
 
-# One layer: dynamo's time grows with the graph, and one layer has every kind of site.
-BUILDERS = {
-    "bert": lambda: T.BertModel(T.BertConfig(**{**_ENCODER, "num_hidden_layers": 1})),
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**{**_DECODER, "num_hidden_layers": 1})),
-}
-ARCHS = list(BUILDERS)
+ARCHS = list(ONE_LAYER)
 
 
 @functools.lru_cache(maxsize=None)
 def captured(arch: str):
     """(model, capture) of a one-layer model; tests delete the adapters they add."""
     torch.manual_seed(0)
-    model = BUILDERS[arch]().eval()
+    model = ONE_LAYER[arch]().eval()
     return model, fxadapt.capture(model)
 
 
@@ -144,21 +138,7 @@ def test_inductor_training_step_matches_eager(arch, config_id):
     model, gm = _with_adapter(arch, config_id)
     try:
         gm.train_adapter("x")
-        inputs = _bound(gm, model)
-        params = [p for p in gm.parameters() if p.requires_grad]
-
-        def step(module):
-            torch.manual_seed(0)
-            out = module(**inputs)[0]
-            grads = torch.autograd.grad(out.pow(2).mean(), params)
-            return out, grads
-
-        with torch._inductor.config.patch(fallback_random=True):  # dropout draws as eager does
-            got, got_grads = step(torch.compile(gm, fullgraph=True))
-        expected, expected_grads = step(gm)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for g, e in zip(got_grads, expected_grads):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        assert_inductor_step_matches_eager(gm, _bound(gm, model), rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-5)
     finally:
         gm.delete_adapter("x")
         for p in gm.parameters():

@@ -9,35 +9,20 @@ import os
 
 import pytest
 import torch
-import transformers as T
 
 import fxadapt
-from conftest import _DECODER, _ENCODER, inputs_for
+from conftest import ONE_LAYER, assert_inductor_step_matches_eager, inputs_for, perturb_
 
 DEVICE = os.environ.get("FXADAPT_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 
-BUILDERS = {  # one layer, as in test_compile: every kind of site, shorter compilations
-    "bert": lambda: T.BertModel(T.BertConfig(**{**_ENCODER, "num_hidden_layers": 1})),
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**{**_DECODER, "num_hidden_layers": 1})),
-}
-
-
 def _on_device(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
-    return BUILDERS[arch]().to(DEVICE, dtype).eval()
+    return ONE_LAYER[arch]().to(DEVICE, dtype).eval()
 
 
 def _device_inputs(model, **kw) -> dict:
     return {k: v.to(DEVICE) for k, v in inputs_for(model, **kw).items()}
-
-
-def _perturb(gm, name: str) -> None:
-    """Move the adapter's weights off their initial values, so that it acts."""
-    with torch.no_grad():
-        for i, p in enumerate(gm.adapter_state_dict(name).values()):
-            g = torch.Generator(p.device).manual_seed(i)
-            p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.1)
 
 
 def test_capture_on_device_runs_other_shapes_with_the_models_outputs():
@@ -52,11 +37,11 @@ def test_capture_on_device_runs_other_shapes_with_the_models_outputs():
 
 def test_rewritten_on_the_cpu_then_moved_computes_the_same():
     torch.manual_seed(0)
-    model = BUILDERS["llama"]().eval()
+    model = ONE_LAYER["llama"]().eval()
     gm = fxadapt.rewrite(model, "unipelt")
-    _perturb(gm, "unipelt")
+    perturb_(gm.adapter_state_dict("unipelt").values())
     gm.add_adapter("lora", "lora", set_active=False)
-    _perturb(gm, "lora")
+    perturb_(gm.adapter_state_dict("lora").values())
     gm.set_active_adapters(["unipelt", "lora"])
     gm.merge_adapter("lora")
     inputs = inputs_for(model)
@@ -78,7 +63,7 @@ def test_bfloat16_merge_equals_unmerged_and_reset_is_bit_exact():
     gm.add_adapter("ia3", "ia3", set_active=True)
     gm.set_active_adapters(["lora", "ia3"])
     for name in ("lora", "ia3"):
-        _perturb(gm, name)
+        perturb_(gm.adapter_state_dict(name).values())
     inputs = _device_inputs(model)
     with torch.no_grad():
         unmerged = gm(**inputs).logits
@@ -96,7 +81,7 @@ def test_bfloat16_merge_equals_unmerged_and_reset_is_bit_exact():
 def test_export_on_device_keeps_dynamic_shapes_and_round_trips(tmp_path):
     model = _on_device("bert")
     gm = fxadapt.rewrite(model, "unipelt")
-    _perturb(gm, "unipelt")
+    perturb_(gm.adapter_state_dict("unipelt").values())
     program = fxadapt.export(gm, tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()
     gm.eval()
@@ -111,7 +96,7 @@ def test_export_on_device_keeps_dynamic_shapes_and_round_trips(tmp_path):
 def test_save_and_load_adapter_of_a_device_model_is_bit_identical(tmp_path):
     model = _on_device("llama")
     gm = fxadapt.rewrite(model, "mam")
-    _perturb(gm, "mam")
+    perturb_(gm.adapter_state_dict("mam").values())
     inputs = _device_inputs(model)
     with torch.no_grad():
         expected = gm(**inputs).logits
@@ -132,19 +117,6 @@ def test_save_and_load_adapter_of_a_device_model_is_bit_identical(tmp_path):
 def test_inductor_training_step_on_device_matches_eager(arch, config_id):
     model = _on_device(arch)
     gm = fxadapt.rewrite(model, config_id, name="x")
-    _perturb(gm, "x")
+    perturb_(gm.adapter_state_dict("x").values())
     gm.train_adapter("x")
-    inputs = _device_inputs(model)
-    params = [p for p in gm.parameters() if p.requires_grad]
-
-    def step(module):
-        torch.manual_seed(0)
-        out = module(**inputs)[0]
-        return out, torch.autograd.grad(out.float().pow(2).mean(), params)
-
-    with torch._inductor.config.patch(fallback_random=True):  # dropout draws as eager does
-        got, got_grads = step(torch.compile(gm, fullgraph=True))
-    expected, expected_grads = step(gm)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    for g, e in zip(got_grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+    assert_inductor_step_matches_eager(gm, _device_inputs(model), rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-4)

@@ -8,7 +8,6 @@ import inspect
 import torch
 from hypothesis import given, strategies as st
 
-import fxadapt
 from conftest import ARCHS, captured, inputs_for, reference
 from fxadapt.testing import adapter_configs, assert_outputs_close, ia3_configs, lora_configs
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxadapt
-from conftest import ARCHS, build, captured
+from conftest import ARCHS, captured
 
 # (roles per layer, number of layers) every architecture must show
 EXPECTED_ROLES = {
