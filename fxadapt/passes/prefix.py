@@ -245,8 +245,12 @@ def _between(start: Node, stop: Node) -> list[Node]:
             if parent in forward and parent not in reach:
                 reach.add(parent)
                 frontier.append(parent)
-    order = {n: i for i, n in enumerate(start.graph.nodes)}
-    return sorted(reach, key=order.__getitem__)
+    between, node = [], start.next
+    while node is not stop:  # graph order, walking only this attention's stretch of the graph
+        if node in reach:
+            between.append(node)
+        node = node.next
+    return between
 
 
 METHODS["prefix"] = Method("prefix_tuning", _build_gate, insert_prefix, exclusive=True, build_shared=_build_generator)
