@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from .config import IA3Config, LoRAConfig
 
-__all__ = ["assert_equivalent", "assert_outputs_close", "lora_configs", "ia3_configs", "adapter_configs", "adapter_names"]
+__all__ = ["assert_equivalent", "assert_outputs_close", "snapshot", "assert_unchanged", "lora_configs", "ia3_configs", "adapter_configs", "adapter_names"]
 
 
 def _leaves(output: Any) -> list[torch.Tensor]:
@@ -58,6 +58,38 @@ def assert_equivalent(actual: torch.nn.Module, expected: torch.nn.Module, inputs
     with torch.no_grad():
         a, e = actual(*args, **kwargs), expected(*args, **kwargs)
     assert_outputs_close(a, e, rtol=rtol, atol=atol, mask=kwargs.get("attention_mask"))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, Any]:
+    """Everything a failed operation must leave as it was: every parameter and buffer (keys,
+    values bit for bit, dtypes, ``requires_grad``), the training flag, the generated code and,
+    on an ``AdaptedModule``, its adapters, their configs, the active and merged ones.
+    Compare with :func:`assert_unchanged`."""
+    state = {k: (v.detach().clone(), v.dtype, v.requires_grad) for k, v in module.state_dict(keep_vars=True).items()}
+    adapters = getattr(module, "adapters", None)
+    return {
+        "state": state,
+        "parameters": sorted(k for k, _ in module.named_parameters(remove_duplicate=False)),
+        "modules": sorted(k for k, _ in module.named_modules(remove_duplicate=False)),
+        "training": [m.training for m in module.modules()],
+        "code": getattr(module, "code", None),
+        "adapters": dict(adapters) if isinstance(adapters, dict) else None,
+        "active": list(getattr(module, "active_adapters", []) or []),
+        "merged": list(getattr(module, "merged_adapters", []) or []),
+    }
+
+
+def assert_unchanged(module: torch.nn.Module, before: dict[str, Any]) -> None:
+    """Assert ``module`` is bit for bit as :func:`snapshot` saw it."""
+    after = snapshot(module)
+    for key in ("parameters", "modules", "training", "code", "adapters", "active", "merged"):
+        assert after[key] == before[key], f"{key} changed: {before[key]!r} -> {after[key]!r}"
+    assert after["state"].keys() == before["state"].keys(), f"state_dict keys changed: {sorted(after['state'].keys() ^ before['state'].keys())}"
+    for k, (value, dtype, grad) in before["state"].items():
+        new, new_dtype, new_grad = after["state"][k]
+        assert (new_dtype, new_grad) == (dtype, grad), f"{k}: dtype/requires_grad {dtype}/{grad} -> {new_dtype}/{new_grad}"
+        assert new.shape == value.shape and torch.equal(new, value) or (new.is_floating_point() and torch.equal(new.isnan(), value.isnan())
+                                                                        and torch.equal(new.nan_to_num(), value.nan_to_num())), f"{k} changed"
 
 
 def _st():
