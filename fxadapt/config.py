@@ -1,6 +1,6 @@
 """Adapter configs: frozen dataclasses with AdapterHub's field names and defaults.
 
-Each config validates itself in ``__post_init__`` and raises :class:`~fxadapt.errors.ConfigError`
+Each config validates every field in ``__post_init__`` and raises :class:`~fxadapt.errors.ConfigError`
 naming the field and the value. ``CONFIGS`` maps AdapterHub's config ids to default instances.
 """
 
@@ -10,7 +10,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from .errors import ConfigError
 
@@ -19,13 +19,164 @@ __all__ = ["AdapterConfig", "LoRAConfig", "IA3Config", "CONFIGS", "resolve_confi
 ATTN_MATRICES = ("q", "k", "v", "o")
 INIT_WEIGHTS = ("lora", "bert", "ia3")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+NON_LINEARITIES = ("relu", "swish", "silu", "gelu", "gelu_new", "tanh", "sigmoid", "leakyrelu", "linear")
+
+# The largest size (rank, prefix length, bottleneck, PHM dimension, layer index) a config may name.
+# A config knows no model, so it cannot work out the memory an adapter needs (add_adapter does,
+# with the model's sizes); but no adapter dimension above 2**31 elements can be allocated on any
+# machine fxadapt runs on, and several kernels index with int32. A bigger number is a typo (or a
+# hostile file): refusing it here names the field before any model is touched.
+MAX_SIZE = 2**31
+# torch.manual_seed's range.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+# -- field checks: each returns None for a good value, else what the value must be -------------
+Check = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    # An int too large for a float (10**400) is not finite for what follows (alpha / r, scaling).
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _bool(v: Any) -> str | None:
+    # Only real bools: "false" is truthy and 0/1 hide a mistyped field.
+    return None if isinstance(v, bool) else "must be True or False"
+
+
+def _size(v: Any) -> str | None:
+    return None if _is_int(v) and 1 <= v <= MAX_SIZE else "must be an integer in [1, 2**31]"
+
+
+def _positive(v: Any) -> str | None:
+    return None if _is_finite(v) and v > 0 else "must be a finite number > 0"
+
+
+def _probability(v: Any) -> str | None:
+    return None if _is_finite(v) and 0 <= v < 1 else "must be a number in [0, 1)"
+
+
+def _seed(v: Any) -> str | None:
+    ok = v is None or (_is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1])
+    return None if ok else "must be None or an integer seed in [-2**63, 2**64)"
+
+
+def _layers(v: Any) -> str | None:
+    ok = isinstance(v, tuple) and all(_is_int(i) and 0 <= i < MAX_SIZE for i in v)
+    return None if ok else "must be a list of layer indices (integers >= 0)"
+
+
+def _choice(*options: Any) -> Check:
+    def check(v: Any) -> str | None:
+        # Type first: `1 in (True, ...)` and `array in (...)` are not what is meant.
+        return None if type(v) in {type(o) for o in options} and v in options else f"must be one of {list(options)}"
+    return check
+
+
+def _names(v: Any) -> str | None:
+    """None, a regular expression (full match) or a non-empty list of module names (suffix match)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            re.compile(v)
+        except re.error as e:
+            return f"is not a valid regular expression ({e})"
+        return None
+    if isinstance(v, tuple) and v and all(isinstance(t, str) and t for t in v):
+        return None
+    return "must be a regular expression or a non-empty list of module names"
+
+
+def _pattern(valid: Check) -> Check:
+    """PEFT's rank_pattern / alpha_pattern: distinct module patterns -> values."""
+    def check(v: Any) -> str | None:
+        if not isinstance(v, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in v):
+            return "must be a dict of module pattern -> value"
+        keys = [k for k, _ in v]
+        for key, value in v:
+            if not isinstance(key, str) or not key:
+                return "keys must be non-empty module patterns"
+            try:
+                # Compiled as _pattern_value uses it: "(?i)x" alone is valid, inside that pattern not.
+                re.compile(_pattern_regex(key))
+            except re.error as e:
+                return f"key {key!r} is not a valid regular expression ({e})"
+            if keys.count(key) > 1:
+                return f"names {key!r} twice"
+            problem = valid(value)
+            if problem:
+                return f"value for {key!r} {problem}"
+        return None
+    return check
+
+
+def _attn_matrices(v: Any) -> str | None:
+    ok = isinstance(v, tuple) and all(isinstance(m, str) and m in ATTN_MATRICES for m in v) and len(set(v)) == len(v)
+    return None if ok else f"must be a list of distinct names drawn from {list(ATTN_MATRICES)}"
+
+
+def _non_linearity(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.lower() in NON_LINEARITIES else f"must be one of {list(NON_LINEARITIES)}"
+
+
+_LAYER_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def _reduction_factor(v: Any) -> str | None:
+    """A number, or AdapterHub's mapping of layer index strings ("0", "1", ...) to numbers with a "default"."""
+    if isinstance(v, dict):
+        if "default" not in v:
+            return 'as a mapping needs a "default" entry'
+        for key, factor in v.items():
+            if not (key == "default" or isinstance(key, str) and _LAYER_KEY.fullmatch(key) and int(key) < MAX_SIZE):
+                return f'keys must be layer indices as strings ("0", "1", ...) or "default", not {key!r}'
+            if _positive(factor):
+                return f"value for {key!r} must be a finite number > 0"
+        return None
+    return None if _is_finite(v) and v > 0 else "must be a finite number > 0 (or a mapping of layer -> number)"
+
+
+def _scaling(v: Any) -> str | None:
+    return None if _is_finite(v) or isinstance(v, str) and v in ("learned", "channel") else 'must be a finite number, "learned" or "channel"'
+
+
+def _residual_before_ln(v: Any) -> str | None:
+    return None if isinstance(v, bool) or isinstance(v, str) and v == "post_add" else 'must be True, False or "post_add"'
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
+def _zero(v: Any) -> str | None:
+    return None if _is_finite(v) and v == 0 else "must be 0 (stochastic depth is not supported)"
+
+
+def _false(v: Any) -> str | None:
+    return None if v is False else "must be False (cross-attention adapters are not supported)"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if _is_finite(v) and v >= 0 else "must be a finite number >= 0"
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Base of every adapter config. ``architecture`` is the summary's Architecture column."""
+    """Base of every adapter config. ``architecture`` is the summary's Architecture column;
+    ``checks`` maps every field to the check of its values (a field without one is a bug)."""
 
     architecture: ClassVar[str] = ""
+    checks: ClassVar[dict[str, Check]] = {}
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so configs stay hashable.
@@ -36,7 +187,15 @@ class AdapterConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError for the first invalid field."""
+        """Raise ConfigError for the first invalid field (in field order), then for fields that do not go together."""
+        for f in dataclasses.fields(self):
+            problem = self.checks[f.name](getattr(self, f.name))
+            if problem:
+                self._fail(f.name, problem)
+        self.check_combination()
+
+    def check_combination(self) -> None:
+        """Raise ConfigError when fields that are each valid do not go together."""
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed, validated again."""
@@ -52,44 +211,29 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Rebuild a config written by :meth:`to_dict`; unknown keys are an error."""
+        """Rebuild a config written by :meth:`to_dict`; an unknown class or field, or a value of
+        the wrong type, is a ConfigError naming it."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a dict (a JSON object), got {type(data).__name__}", field="config", value=data)
         data = dict(data)
         name = data.pop("config_class", cls.__name__)
-        data.pop("architecture", None)
-        klass = _CONFIG_CLASSES.get(name)
+        klass = _CONFIG_CLASSES.get(name) if isinstance(name, str) else None
         if klass is None:
             raise ConfigError(f"unknown config class {name!r}; known: {sorted(_CONFIG_CLASSES)}", field="config_class", value=name)
-        if issubclass(klass, ConfigUnion):
-            return klass(configs=[AdapterConfig.from_dict(c) for c in data.get("configs", ())])
+        architecture = data.pop("architecture", None)
+        if architecture is not None and architecture != klass.architecture:
+            raise ConfigError(f"{name}'s architecture is {klass.architecture!r}, the dict says {architecture!r}",
+                              field="architecture", value=architecture)
         known = {f.name for f in dataclasses.fields(klass)}
-        unknown = sorted(set(data) - known)
+        unknown = [k for k in data if k not in known]
         if unknown:
-            raise ConfigError(f"{name} has no field(s) {unknown}", field=unknown[0], value=data[unknown[0]])
+            raise ConfigError(f"{name} has no field(s) {unknown}; its fields: {sorted(known)}", field=str(unknown[0]), value=data[unknown[0]])
         return klass(**data)
 
     # -- validation helpers ------------------------------------------------------------
     def _fail(self, field: str, message: str) -> None:
         value = getattr(self, field)
         raise ConfigError(f"{type(self).__name__}.{field} {message}, got {value!r}", field=field, value=value)
-
-    def _check_bool(self, *fields: str) -> None:
-        for field in fields:
-            if not isinstance(getattr(self, field), bool):
-                self._fail(field, "must be True or False")
-
-    def _check_choice(self, field: str, choices: tuple) -> None:
-        if getattr(self, field) not in choices:
-            self._fail(field, f"must be one of {list(choices)}")
-
-    def _check_layers(self, field: str = "leave_out") -> None:
-        value = getattr(self, field)
-        if not isinstance(value, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-            self._fail(field, "must be a list of layer indices (ints >= 0)")
-
-    def _check_probability(self, field: str) -> None:
-        value = getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            self._fail(field, "must be a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -125,6 +269,13 @@ class LoRAConfig(AdapterConfig):
     """
 
     architecture: ClassVar[str] = "lora"
+    checks: ClassVar[dict[str, Check]] = {
+        "selfattn_lora": _bool, "intermediate_lora": _bool, "output_lora": _bool, "leave_out": _layers, "r": _size,
+        "alpha": _positive, "dropout": _probability, "attn_matrices": _attn_matrices,
+        "composition_mode": _choice("add", "scale"), "init_weights": _choice(*INIT_WEIGHTS), "init_weights_seed": _seed,
+        "use_gating": _bool, "use_rslora": _bool, "targets": _names, "dtype": _optional(_choice(*DTYPES)),
+        "rank_pattern": _pattern(_size), "alpha_pattern": _pattern(_positive), "input_scaling_targets": _names,
+    }
 
     selfattn_lora: bool = True
     intermediate_lora: bool = False
@@ -146,14 +297,14 @@ class LoRAConfig(AdapterConfig):
     input_scaling_targets: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        # Patterns are given as dicts (PEFT's form) and stored as tuples of pairs, so configs stay hashable.
+        # Patterns are given as dicts (PEFT's form) and stored as tuples of pairs, so configs stay
+        # hashable; anything else is left as it is for the check to name.
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
-            try:
-                pairs = tuple((k, v) for k, v in (value.items() if isinstance(value, dict) else value))
-            except (TypeError, ValueError):
-                self._fail(name, "must be a dict of module pattern -> value")
-            object.__setattr__(self, name, pairs)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, tuple(value.items()))
+            elif isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(tuple(p) if isinstance(p, list) else p for p in value))
         super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,60 +340,19 @@ class LoRAConfig(AdapterConfig):
         """The insert pass this config uses: ``"lora"`` or ``"ia3"``."""
         return "ia3" if self.composition_mode == "scale" else "lora"
 
-    def validate(self) -> None:
-        self._check_bool("selfattn_lora", "intermediate_lora", "output_lora", "use_gating", "use_rslora")
-        self._check_layers()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            self._fail("r", "must be a positive integer")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            self._fail("alpha", "must be a positive number")
-        self._check_probability("dropout")
-        if not isinstance(self.attn_matrices, tuple) or not set(self.attn_matrices) <= set(ATTN_MATRICES):
-            self._fail("attn_matrices", f"must be a list drawn from {list(ATTN_MATRICES)}")
-        self._check_choice("composition_mode", ("add", "scale"))
-        self._check_choice("init_weights", INIT_WEIGHTS)
-        if self.init_weights_seed is not None and (isinstance(self.init_weights_seed, bool) or not isinstance(self.init_weights_seed, int)):
-            self._fail("init_weights_seed", "must be an integer or None")
-        if self.composition_mode == "scale" and self.r != 1:
-            self._fail("r", 'must be 1 when composition_mode="scale"')
-        if self.composition_mode == "scale" and self.dropout > 0:
-            self._fail("dropout", 'must be 0 when composition_mode="scale"')
-        if self.dtype is not None:
-            self._check_choice("dtype", DTYPES)
-        self._validate_targets()
-        self._validate_targets("input_scaling_targets")
-        if self.input_scaling_targets is not None and self.composition_mode != "scale":
+    def check_combination(self) -> None:
+        if self.composition_mode == "scale":
+            if self.r != 1:
+                self._fail("r", 'must be 1 when composition_mode="scale"')
+            if self.dropout > 0:
+                self._fail("dropout", 'must be 0 when composition_mode="scale"')
+            if any(v != 1 for _, v in self.rank_pattern):
+                self._fail("rank_pattern", 'must give rank 1 when composition_mode="scale"')
+        elif self.input_scaling_targets is not None:
             self._fail("input_scaling_targets", 'needs composition_mode="scale" ((IA)^3)')
-        self._validate_pattern("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
-        self._validate_pattern("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number")
-        if self.composition_mode == "scale" and any(v != 1 for _, v in self.rank_pattern):
-            self._fail("rank_pattern", 'must give rank 1 when composition_mode="scale"')
         if (not (self.selfattn_lora and self.attn_matrices) and not self.intermediate_lora and not self.output_lora and not self.targets
                 and not self.input_scaling_targets):
             self._fail("selfattn_lora", "selects no site: enable selfattn_lora with attn_matrices, intermediate_lora, output_lora or set targets")
-
-    def _validate_targets(self, field: str = "targets") -> None:
-        targets = getattr(self, field)
-        if targets is None:
-            return
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as e:
-                self._fail(field, f"is not a valid regular expression ({e})")
-        elif not isinstance(targets, tuple) or not targets or not all(isinstance(t, str) and t for t in targets):
-            self._fail(field, "must be a regular expression or a non-empty list of module names")
-
-    def _validate_pattern(self, field: str, valid, what: str) -> None:
-        for key, value in getattr(self, field):
-            if not isinstance(key, str) or not key:
-                self._fail(field, "keys must be non-empty module patterns")
-            try:
-                re.compile(key)
-            except re.error as e:
-                self._fail(field, f"key {key!r} is not a valid regular expression ({e})")
-            if not valid(value):
-                self._fail(field, f"value for {key!r} must be {what}")
 
     def matches_target(self, path: str) -> bool:
         """Whether a module path is selected by ``targets`` (regex: full match; list: suffix match)."""
@@ -261,10 +371,14 @@ def _matches(targets: str | tuple[str, ...] | None, path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
-def _pattern_value(pattern: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
+def _pattern_regex(key: str) -> str:
     # PEFT's get_pattern_key: a key matches when the path ends with it, at a dot or as a regex.
+    return rf"(.*\.)?({key})$"
+
+
+def _pattern_value(pattern: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
     for key, value in pattern:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if re.match(_pattern_regex(key), path):
             return value
     return default
 
@@ -285,9 +399,6 @@ class IA3Config(LoRAConfig):
     attn_matrices: tuple[str, ...] = ("k", "v")
     composition_mode: str = "scale"
     init_weights: str = "ia3"
-
-
-NON_LINEARITIES = ("relu", "swish", "silu", "gelu", "gelu_new", "tanh", "sigmoid", "leakyrelu", "linear")
 
 
 @dataclass(frozen=True)
@@ -312,6 +423,18 @@ class BnConfig(AdapterConfig):
     """
 
     architecture: ClassVar[str] = "bottleneck"
+    checks: ClassVar[dict[str, Check]] = {
+        "mh_adapter": _bool, "output_adapter": _bool, "reduction_factor": _reduction_factor, "non_linearity": _non_linearity,
+        "original_ln_before": _bool, "original_ln_after": _bool, "ln_before": _bool, "ln_after": _bool,
+        "init_weights": _choice("bert", "mam_adapter", "houlsby"), "init_weights_seed": _seed, "is_parallel": _bool,
+        "scaling": _scaling, "use_gating": _bool, "residual_before_ln": _residual_before_ln, "adapter_residual_before_ln": _bool,
+        "inv_adapter": _optional(_choice("nice")), "inv_adapter_reduction_factor": _optional(_positive), "cross_adapter": _false,
+        "leave_out": _layers, "dropout": _probability, "phm_layer": _bool, "phm_dim": _size, "factorized_phm_W": _bool,
+        "shared_W_phm": _bool, "shared_phm_rule": _bool, "factorized_phm_rule": _bool, "phm_c_init": _choice("normal", "uniform"),
+        "phm_init_range": _non_negative, "learn_phm": _bool,
+        "hypercomplex_nonlinearity": _choice("glorot-normal", "glorot-uniform", "normal"), "phm_rank": _size, "phm_bias": _bool,
+        "stochastic_depth": _zero,
+    }
 
     mh_adapter: bool = False
     output_adapter: bool = True
@@ -347,38 +470,17 @@ class BnConfig(AdapterConfig):
     phm_bias: bool = True
     stochastic_depth: float = 0.0
 
-    def validate(self) -> None:
-        self._check_bool("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after", "ln_before", "ln_after",
-                         "is_parallel", "use_gating", "adapter_residual_before_ln", "cross_adapter", "phm_layer",
-                         "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule", "learn_phm", "phm_bias")
-        factors = self.reduction_factor.values() if isinstance(self.reduction_factor, dict) else [self.reduction_factor]
-        if isinstance(self.reduction_factor, dict) and "default" not in self.reduction_factor:
-            self._fail("reduction_factor", 'as a mapping needs a "default" entry')
-        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
-            self._fail("reduction_factor", "must be a positive number (or a mapping of layer -> positive number)")
-        if str(self.non_linearity).lower() not in NON_LINEARITIES:
-            self._fail("non_linearity", f"must be one of {list(NON_LINEARITIES)}")
-        self._check_choice("init_weights", ("bert", "mam_adapter", "houlsby"))
-        if not (isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool) or self.scaling in ("learned", "channel")):
-            self._fail("scaling", 'must be a number, "learned" or "channel"')
-        if self.residual_before_ln not in (True, False, "post_add"):
-            self._fail("residual_before_ln", 'must be True, False or "post_add"')
-        if self.inv_adapter not in (None, "nice"):
-            self._fail("inv_adapter", 'must be None or "nice"')
-        if self.inv_adapter and not (isinstance(self.inv_adapter_reduction_factor, (int, float)) and self.inv_adapter_reduction_factor > 0):
+    def __post_init__(self) -> None:
+        # A copy of a per-layer mapping: the caller changing theirs later must not bypass validation.
+        if isinstance(self.reduction_factor, dict):
+            object.__setattr__(self, "reduction_factor", dict(self.reduction_factor))
+        super().__post_init__()
+
+    def check_combination(self) -> None:
+        if self.inv_adapter and self.inv_adapter_reduction_factor is None:
             self._fail("inv_adapter_reduction_factor", "must be a positive number when inv_adapter is set")
-        if self.cross_adapter:
-            self._fail("cross_adapter", "is not supported (cross-attention adapters)")
-        self._check_layers()
-        self._check_probability("dropout")
-        if self.stochastic_depth:
-            self._fail("stochastic_depth", "is not supported (must be 0)")
-        if isinstance(self.phm_dim, bool) or not isinstance(self.phm_dim, int) or self.phm_dim < 1:
-            self._fail("phm_dim", "must be a positive integer")
-        if isinstance(self.phm_rank, bool) or not isinstance(self.phm_rank, int) or self.phm_rank < 1:
-            self._fail("phm_rank", "must be a positive integer")
-        self._check_choice("phm_c_init", ("normal", "uniform"))
-        self._check_choice("hypercomplex_nonlinearity", ("glorot-normal", "glorot-uniform", "normal"))
+        if self.phm_layer and self.shared_W_phm and isinstance(self.reduction_factor, dict):
+            self._fail("reduction_factor", "must be a number with shared_W_phm=True (one bottleneck size shared by every layer)")
         if not (self.mh_adapter or self.output_adapter or self.inv_adapter):
             self._fail("output_adapter", "selects no location: set mh_adapter, output_adapter or inv_adapter")
 
@@ -461,6 +563,11 @@ class PrefixTuningConfig(AdapterConfig):
     """
 
     architecture: ClassVar[str] = "prefix_tuning"
+    checks: ClassVar[dict[str, Check]] = {
+        "encoder_prefix": _bool, "cross_prefix": _bool, "leave_out": _layers, "flat": _bool, "prefix_length": _size,
+        "bottleneck_size": _size, "non_linearity": _non_linearity, "dropout": _probability, "use_gating": _bool,
+        "shared_gating": _bool, "init_weights_seed": _seed,
+    }
 
     encoder_prefix: bool = True
     cross_prefix: bool = True
@@ -474,71 +581,97 @@ class PrefixTuningConfig(AdapterConfig):
     shared_gating: bool = True
     init_weights_seed: int | None = None
 
-    def validate(self) -> None:
-        self._check_bool("encoder_prefix", "cross_prefix", "flat", "use_gating", "shared_gating")
-        self._check_layers()
-        for field in ("prefix_length", "bottleneck_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                self._fail(field, "must be a positive integer")
-        if str(self.non_linearity).lower() not in NON_LINEARITIES:
-            self._fail("non_linearity", f"must be one of {list(NON_LINEARITIES)}")
-        self._check_probability("dropout")
+
+def _union_parts(v: Any) -> str | None:
+    if not v:
+        return "must hold at least one config"
+    if not all(isinstance(c, AdapterConfig) and not isinstance(c, ConfigUnion) for c in v):
+        return "must hold adapter configs (not unions)"
+    return None
 
 
 @dataclass(frozen=True, init=False)
 class ConfigUnion(AdapterConfig):
     """Several methods under one adapter name (AdapterHub's ``ConfigUnion``), e.g.
     ``ConfigUnion(LoRAConfig(r=8), PrefixTuningConfig(prefix_length=10))``. No two configs may put
-    the same method at the same place.
+    adapters at the same place: the same projection role, the same bottleneck location or every
+    attention's prefix (parts with ``leave_out`` are checked against the model at ``add_adapter``).
 
     >>> len(ConfigUnion(LoRAConfig(), SeqBnConfig()).configs)
     2
     """
 
     architecture: ClassVar[str] = "union"
+    checks: ClassVar[dict[str, Check]] = {"configs": _union_parts}
 
     configs: tuple[AdapterConfig, ...] = ()
 
     def __init__(self, *configs: AdapterConfig, **kwargs: Any):
-        configs = configs or tuple(kwargs.pop("configs", ()))
+        if "configs" in kwargs:
+            given = kwargs.pop("configs")
+            if configs or not isinstance(given, (list, tuple)):
+                raise ConfigError(f"{type(self).__name__}.configs must be a list of configs (given once), got {given!r}",
+                                  field="configs", value=given)
+            configs = tuple(given)
         if kwargs:
             raise ConfigError(f"{type(self).__name__} takes configs only, got {sorted(kwargs)}", field=sorted(kwargs)[0], value=None)
-        object.__setattr__(self, "configs", tuple(AdapterConfig.from_dict(c) if isinstance(c, dict) else c for c in configs))
+        object.__setattr__(self, "configs", tuple(_union_part(c) for c in configs))
         self.validate()
 
-    def validate(self) -> None:
-        if not self.configs:
-            self._fail("configs", "must hold at least one config")
+    def check_combination(self) -> None:
         for c in self.configs:
-            if not isinstance(c, AdapterConfig) or isinstance(c, ConfigUnion):
-                self._fail("configs", "must hold adapter configs (not unions)")
             if getattr(c, "use_gating", False) and isinstance(c, LoRAConfig) and c.composition_mode == "scale":
                 raise ConfigError(f"{type(self).__name__}: {type(c).__name__} cannot gate ((IA)^3 scales, it adds nothing to gate)",
                                   field="use_gating", value=True)
-        seen: dict[str, AdapterConfig] = {}
-        for c in self.configs:
-            for place in _places(c):
-                if place in seen:
-                    raise ConfigError(f"{type(self).__name__}: {type(seen[place]).__name__} and {type(c).__name__} both put "
-                                      f"{place} in the same union", field="configs", value=place)
-                seen[place] = c
+        for i, later in enumerate(self.configs):
+            for j, earlier in enumerate(self.configs[:i]):
+                # As AdapterHub: with leave_out the layers two parts share depend on the model, so
+                # plan() checks them at add_adapter.
+                if later.leave_out or earlier.leave_out:
+                    continue
+                shared = [place for place in _places(earlier) if place in _places(later)]
+                if shared:
+                    raise ConfigError(f"{type(self).__name__}: {type(earlier).__name__} and {type(later).__name__} both put {shared[0]} "
+                                      f"in the same union (parts {j} and {i}); one place takes one adapter of an adapter name",
+                                      field="configs", value=shared[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {"config_class": type(self).__name__, "architecture": self.architecture, "configs": [c.to_dict() for c in self.configs]}
 
 
+def _union_part(c: Any) -> Any:
+    """A union's part; a dict is read with from_dict, but a union in it is refused before it is read
+    (a deeply nested one would otherwise recurse without bound)."""
+    if not isinstance(c, dict):
+        return c
+    klass = _CONFIG_CLASSES.get(c.get("config_class")) if isinstance(c.get("config_class"), str) else None
+    if klass is not None and issubclass(klass, ConfigUnion):
+        raise ConfigError(f"ConfigUnion.configs must hold adapter configs (not unions), got a {klass.__name__}", field="configs",
+                          value=c.get("config_class"))
+    return AdapterConfig.from_dict(c)
+
+
+_ROLE_NAMES = {"q": "query", "k": "key", "v": "value", "o": "attention output", "ffn_in": "feed-forward input",
+               "ffn_out": "feed-forward output"}
+
 
 def _places(config: AdapterConfig) -> list[str]:
-    """Where a config puts adapters, as "method at location" (for ConfigUnion's overlap check)."""
+    """Where a config puts adapters, whatever the method (for ConfigUnion's overlap check). LoRA and
+    (IA)^3 at one projection would share its weights' container (``loras``), so they collide too."""
     if isinstance(config, LoRAConfig):
         roles = list(config.attn_matrices) if config.selfattn_lora else []
         roles += ["ffn_in"] * config.intermediate_lora + ["ffn_out"] * config.output_lora
-        return [f"{config.method} at {r}" for r in roles] + ([f"{config.method} at targets"] if config.targets else [])
+        return [f"a LoRA/(IA)^3 adapter on the {_ROLE_NAMES[r]} projection ({r})" for r in roles]
     if isinstance(config, BnConfig):
         return [f"a bottleneck adapter at {loc}" for loc, on in (("mh", config.mh_adapter), ("output", config.output_adapter),
                                                                    ("the embedding output", bool(config.inv_adapter))) if on]
     return [f"{config.architecture} at every attention"]
+
+
+def _expect(field: str, value: Any, klass: type) -> Any:
+    if value is not None and not isinstance(value, klass):
+        raise ConfigError(f"{field} must be a {klass.__name__}, got {value!r}", field=field, value=value)
+    return value
 
 
 @dataclass(frozen=True, init=False)
@@ -549,7 +682,8 @@ class MAMConfig(ConfigUnion):
         if "configs" in kwargs:
             super().__init__(**kwargs)
             return
-        super().__init__(prefix_tuning or PrefixTuningConfig(bottleneck_size=800), adapter or ParBnConfig())
+        super().__init__(_expect("prefix_tuning", prefix_tuning, PrefixTuningConfig) or PrefixTuningConfig(bottleneck_size=800),
+                         _expect("adapter", adapter, BnConfig) or ParBnConfig(), **kwargs)
 
 
 @dataclass(frozen=True, init=False)
@@ -561,9 +695,9 @@ class UniPELTConfig(ConfigUnion):
         if "configs" in kwargs:
             super().__init__(**kwargs)
             return
-        super().__init__(prefix_tuning or PrefixTuningConfig(prefix_length=10, use_gating=True),
-                         adapter or SeqBnConfig(reduction_factor=16, use_gating=True),
-                         lora or LoRAConfig(r=8, alpha=2, use_gating=True))
+        super().__init__(_expect("prefix_tuning", prefix_tuning, PrefixTuningConfig) or PrefixTuningConfig(prefix_length=10, use_gating=True),
+                         _expect("adapter", adapter, BnConfig) or SeqBnConfig(reduction_factor=16, use_gating=True),
+                         _expect("lora", lora, LoRAConfig) or LoRAConfig(r=8, alpha=2, use_gating=True), **kwargs)
 
 
 # AdapterHub's older names.

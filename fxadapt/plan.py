@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch.fx import Graph
 
-from .config import AdapterConfig, BnConfig, ConfigUnion, LoRAConfig, PrefixTuningConfig
+from .config import MAX_SIZE, AdapterConfig, BnConfig, ConfigUnion, LoRAConfig, PrefixTuningConfig
 from .errors import ConfigError, SiteError
 from .sites import Attention, Block, Linear, Site
 
@@ -68,9 +68,12 @@ def module_path(name: str, site: Site) -> str:
 
 def plan(name: str, config: AdapterConfig, sites: list[Site], linears: dict[str, Linear], model_name: str = "model",
          blocks: list[Block] = (), attentions: list[Attention] = ()) -> list[Placement]:
-    """The placements of adapter ``name`` with ``config`` on a model with these sites, blocks and attentions."""
+    """The placements of adapter ``name`` with ``config`` on a model with these sites, blocks and attentions.
+    Layers the config names (``leave_out``, per-layer ``reduction_factor``) must exist; the parts of a
+    union must not put adapters at the same place (ConfigError naming the field or both parts)."""
     if isinstance(config, ConfigUnion):
-        return [p for c in config.configs for p in plan(name, c, sites, linears, model_name, blocks, attentions)]
+        return _union_placements(name, config, sites, linears, model_name, blocks, attentions)
+    _check_layers(config, sites, blocks, attentions, model_name)
     if isinstance(config, BnConfig):
         return _bottleneck_placements(name, config, blocks, model_name)
     if isinstance(config, PrefixTuningConfig):
@@ -84,6 +87,58 @@ def plan(name: str, config: AdapterConfig, sites: list[Site], linears: dict[str,
                           config=config)
                 for s in chosen]
     raise SiteError(f"{type(config).__name__} has no insert pass in this version of fxadapt")
+
+
+def _union_placements(name: str, config: ConfigUnion, sites: list[Site], linears: dict[str, Linear], model_name: str,
+                      blocks: list[Block], attentions: list[Attention]) -> list[Placement]:
+    """Each part's placements; two parts at one place are refused. ConfigUnion checks the places it
+    can see without a model; this catches the rest (targets, leave_out)."""
+    placements: list[Placement] = []
+    owner: dict[str, tuple[int, AdapterConfig]] = {}
+    for i, part in enumerate(config.configs):
+        mine = plan(name, part, sites, linears, model_name, blocks, attentions)
+        for p in mine:
+            place = _place(p)
+            # The same weights module, or one inside another (a whole fused projection and one of its roles).
+            clash = next((o for q, o in owner.items() if q == place or q.startswith(place + ".") or place.startswith(q + ".")), None)
+            if clash is not None:
+                j, other = clash
+                raise ConfigError(f"{type(config).__name__}: parts {j} ({type(other).__name__}) and {i} ({type(part).__name__}) both put an "
+                                  f"adapter at {_where(p)} of {model_name}; one place takes one adapter of an adapter name",
+                                  field="configs", value=_where(p))
+        owner.update((_place(p), (i, part)) for p in mine)
+        placements += mine
+    return placements
+
+
+def _place(p: Placement) -> str:
+    """Where a placement's weights live; for a prefix, the attention it extends (an ungated prefix has no module of its own)."""
+    return f"prefix at {p.attention.node}" if p.method == "prefix" else p.module
+
+
+def _where(p: Placement) -> str:
+    """A placement's place in words, for error messages."""
+    w = p.where
+    if p.method == "prefix":
+        return f"the attention of layer {w.layer}"
+    if p.site is not None:
+        return w.path + (f" ({w.role})" if w.role else "")
+    return "the embedding output" if p.method == "invertible" else f"the {w.location} block of layer {w.layer}"
+
+
+def _check_layers(config: AdapterConfig, sites: list[Site], blocks: list[Block], attentions: list[Attention], model_name: str) -> None:
+    """leave_out and per-layer reduction_factor keys must name layers the model has."""
+    known = [x.layer for x in (*sites, *blocks, *attentions) if x.layer is not None]
+    count = max(known) + 1 if known else 0
+    has = f"it has {count} layers (0..{count - 1})" if count else "it has no numbered layers"
+    named = {"leave_out": list(config.leave_out)}
+    if isinstance(config, BnConfig) and isinstance(config.reduction_factor, dict):
+        named["reduction_factor"] = [int(k) for k in config.reduction_factor if k != "default"]
+    for field, layers in named.items():
+        bad = sorted({i for i in layers if i >= count})
+        if bad:
+            raise ConfigError(f"{type(config).__name__}.{field} names layer(s) {bad} that {model_name} does not have: {has}",
+                              field=field, value=bad)
 
 
 def annotate(graph: Graph, placements: list[Placement]) -> None:
@@ -166,9 +221,6 @@ def _bottleneck_placements(name: str, config: BnConfig, blocks: list[Block], mod
         raise SiteError(f"{type(config).__name__} needs residual blocks after attention / feed-forward projections; {model_name} has none")
     wanted = {"mh": config.mh_adapter, "output": config.output_adapter}
     shared = (f"{SHARED}.{name}",) if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) else ()
-    if config.phm_layer and config.shared_W_phm and isinstance(config.reduction_factor, dict):
-        raise ConfigError(f"{type(config).__name__}.shared_W_phm=True shares one bottleneck size across layers: "
-                          "reduction_factor must be a number", field="reduction_factor", value=config.reduction_factor)
     placements = []
     for block in blocks:
         if not wanted[block.location] or block.layer in config.leave_out:
@@ -179,6 +231,7 @@ def _bottleneck_placements(name: str, config: BnConfig, blocks: list[Block], mod
     if config.inv_adapter:
         # The first block's residual input is the embedding output.
         first = blocks[0]
+        _check_invertible_sizes(config, first.hidden_size)
         placements.append(Placement(name, "invertible", None, _join("invertible_adapters", name), block=first, config=config,
                                     anchor=first.residual))
     if not placements:
@@ -189,12 +242,25 @@ def _bottleneck_placements(name: str, config: BnConfig, blocks: list[Block], mod
 def _check_sizes(config: BnConfig, block: Block) -> None:
     hidden, factor = block.hidden_size, config.factor(block.layer)
     down = hidden / factor
+    # Compared before int(): a tiny factor makes the quotient inf.
+    if not down <= MAX_SIZE:
+        raise ConfigError(f"{type(config).__name__}.reduction_factor={factor} makes a bottleneck of {down:.3g} on the hidden size {hidden} "
+                          f"(layer {block.layer}), more than 2**31", field="reduction_factor", value=factor)
     if down != int(down) or down < 1:
         raise ConfigError(f"{type(config).__name__}.reduction_factor={factor} does not divide the hidden size {hidden} (layer {block.layer})",
                           field="reduction_factor", value=factor)
     if config.phm_layer and (hidden % config.phm_dim or int(down) % config.phm_dim):
         raise ConfigError(f"{type(config).__name__}.phm_dim={config.phm_dim} must divide the hidden size {hidden} and the bottleneck size {int(down)}",
                           field="phm_dim", value=config.phm_dim)
+
+
+def _check_invertible_sizes(config: BnConfig, hidden: int) -> None:
+    """The NICE block's two subnets map hidden // 2 (and the rest) to ``n // inv_adapter_reduction_factor``."""
+    factor = config.inv_adapter_reduction_factor
+    sizes = [n // factor for n in (hidden // 2, hidden - hidden // 2)]
+    if not all(1 <= s <= MAX_SIZE for s in sizes):
+        raise ConfigError(f"{type(config).__name__}.inv_adapter_reduction_factor={factor} gives the invertible adapter inner sizes "
+                          f"{sizes} on the hidden size {hidden}: each must be in [1, 2**31]", field="inv_adapter_reduction_factor", value=factor)
 
 
 def _prefix_placements(name: str, config: PrefixTuningConfig, attentions: list[Attention], model_name: str) -> list[Placement]:
