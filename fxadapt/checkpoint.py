@@ -11,16 +11,22 @@
 - AdapterHub: ``adapter_config.json`` with ``config`` + ``adapter.safetensors`` or
   ``pytorch_adapter.bin``, converted by ``ADAPTERHUB_CONVERTERS[config["architecture"]]``.
 
-Loading never runs code from a file: safetensors, or ``torch.load(weights_only=True)``. The files,
-the config and the dtypes are checked before the adapter is added; then the new adapter's tensors are
-checked against the file's (each present, none extra, same shapes) before they are copied in. Any
-failure raises :class:`~fxadapt.errors.CheckpointError` naming the file and tensor, and deletes the
-new adapter again: the model is left exactly as it was.
+Saving is crash-safe: the files are written into a temporary directory beside the target, which
+replaces the target's checkpoint files (of every format: ``CHECKPOINT_FILES``) in one step only when
+all are complete; the directory's other files are kept.
 
-Module paths in PEFT and AdapterHub files are matched to the model's linears exactly, or by suffix
-(a file saved from ``BertForSequenceClassification`` names ``bert.encoder...``, a ``BertModel`` has
-``encoder...``); ``key_mapping`` (regex -> replacement, as transformers' ``from_pretrained``) renames
-module paths first, for models whose modules were renamed since the file was written.
+Loading never runs code from a file: safetensors, or ``torch.load(weights_only=True)``. Before anything
+is allocated, the config's field types, the tensors' dtypes and values (finite) and the adapter the
+config asks for (planned on the meta device: every tensor present, none extra, same shapes) are checked
+against the file; only then is the adapter added and filled in. Any failure raises
+:class:`~fxadapt.errors.CheckpointError` naming the file, the field or tensor, and leaves the model
+exactly as it was (a failure while filling in deletes the new adapter again).
+
+Module paths are matched to the model's exactly, or by suffix, in every format: a file saved from
+``BertForSequenceClassification`` names ``bert.encoder...``, a ``BertModel`` has ``encoder...`` (and
+the other way round); the same holds for the module paths a config names (``targets``, patterns).
+``key_mapping`` (regex -> replacement, as transformers' ``from_pretrained``) renames module paths
+first, for models whose modules were renamed since the file was written.
 """
 
 from __future__ import annotations
@@ -39,19 +45,25 @@ import torch
 
 from .config import DTYPES, AdapterConfig, BnConfig, ConfigUnion, IA3Config, LoRAConfig, PrefixTuningConfig
 from .errors import AdapterError, CheckpointError, ConfigError, SiteError
+from .fsutil import atomic_directory
+from .passes import METHODS
 from .plan import Placement, plan
 
 if TYPE_CHECKING:
     from .module import AdaptedModule
 
 __all__ = ["CheckpointMixin", "Converted", "AdapterHubCheckpoint", "ADAPTERHUB_CONVERTERS", "register_adapterhub_converter",
-           "read_tensors", "detect_format", "resolve_module", "state_key", "AVERAGE_IGNORES"]
+           "read_tensors", "detect_format", "resolve_module", "state_key", "AVERAGE_IGNORES", "CHECKPOINT_FILES"]
 
 NATIVE_CONFIG, NATIVE_WEIGHTS = "fxadapt_config.json", "fxadapt_model.safetensors"
 HUB_CONFIG = "adapter_config.json"  # PEFT's and AdapterHub's
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 _PEFT_PREFIX = "base_model.model."
+#: Every file of a checkpoint in any format fxadapt reads (with AdapterHub's head files): saving
+#: replaces all of them, so that no stale file of another format is left for ``load_adapter`` to prefer.
+CHECKPOINT_FILES = frozenset({NATIVE_CONFIG, NATIVE_WEIGHTS, HUB_CONFIG, *PEFT_WEIGHTS, *ADAPTERHUB_WEIGHTS,
+                              "head_config.json", "pytorch_model_head.bin", "model_head.safetensors"})
 
 #: Config fields ``average_adapter`` lets differ between its inputs (they do not change the function:
 #: AdapterHub ignores dropout and init_weights; the init seed is init only).
@@ -62,13 +74,14 @@ AVERAGE_IGNORES = ("dropout", "init_weights", "init_weights_seed")
 class Converted:
     """An adapter read from a file, in fxadapt's terms: its ``config`` and its ``tensors`` keyed as
     ``adapter_state_dict`` keys. ``sources`` maps a key to the tensor's name in the file (``path``),
-    for error messages."""
+    ``config_path`` names the file the config was read from, for error messages."""
 
     name: str
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
     path: str
     sources: dict[str, str] = field(default_factory=dict)
+    config_path: str | None = None
 
 
 @dataclass
@@ -87,7 +100,7 @@ class AdapterHubCheckpoint:
         """``cls(*args, **fields)``, a ConfigError turned into a CheckpointError naming the config file."""
         try:
             return cls(*args, **fields)
-        except (ConfigError, TypeError) as e:
+        except (ConfigError, TypeError, ValueError) as e:
             raise CheckpointError(f"{self.config_path}: AdapterHub config cannot be used: {e}", path=self.config_path) from e
 
     def modules(self, gm: AdaptedModule, container: str) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, torch.Tensor]]:
@@ -101,8 +114,11 @@ class AdapterHubCheckpoint:
             path = resolve_module(gm, module, self.key_mapping) if sep else None
             if path is None:
                 rest[key] = tensor
+            elif param in grouped.setdefault(path, {}):
+                raise CheckpointError(f"{self.weights_path}: tensors {grouped[path][param][0]} and {key} are both {path}'s {param}",
+                                      path=self.weights_path, tensor=key)
             else:
-                grouped.setdefault(path, {})[param] = (key, tensor)
+                grouped[path][param] = (key, tensor)
         return grouped, rest
 
     def plan(self, gm: AdaptedModule, config: AdapterConfig) -> list[Placement]:
@@ -175,16 +191,28 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: str) -> dict[str, Any]:
+    def refuse(constant: str):
+        raise CheckpointError(f"{path} holds {constant}, which is not a JSON number", path=path)
+
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, parse_constant=refuse)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist", path=path) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})", path=path) from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be an adapter config", path=path) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object", path=path)
     return data
+
+
+def _put(tensors: dict[str, torch.Tensor], sources: dict[str, str], key: str, tensor: torch.Tensor, source: str, path: str) -> None:
+    """Keep the file's tensor ``source`` as the adapter's ``key``; two tensors for one weight is a corrupt file."""
+    if key in tensors:
+        raise CheckpointError(f"{path}: tensors {sources[key]} and {source} both give the adapter's {key}", path=path, tensor=source)
+    tensors[key], sources[key] = tensor, source
 
 
 def _first_file(directory: str, names: Iterable[str], what: str) -> str:
@@ -218,13 +246,52 @@ def detect_format(directory: str) -> str:
 def resolve_module(gm: AdaptedModule, path: str, key_mapping: dict[str, str] | None = None) -> str | None:
     """The path of the model's linear a file's module path names: after ``key_mapping``, the same
     path, or the only linear whose path ends with it (or that it ends with); None when none fits."""
+    return _by_suffix(_mapped(path, key_mapping), {lin.path for lin in gm._fx_linears.values()})
+
+
+def _mapped(path: str, key_mapping: dict[str, str] | None) -> str:
     for pattern, replacement in (key_mapping or {}).items():
         path = re.sub(pattern, replacement, path)
-    paths = {lin.path for lin in gm._fx_linears.values()}
-    if path in paths:
-        return path
-    hits = [p for p in paths if p.endswith("." + path) or path.endswith("." + p)]
+    return path
+
+
+def _by_suffix(name: str, names: Iterable[str]) -> str | None:
+    """``name`` itself, or the only one of ``names`` that ends with it or that it ends with (at a dot)."""
+    names = set(names)
+    if name in names:
+        return name
+    hits = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
     return hits[0] if len(hits) == 1 else None
+
+
+def _translate(gm: AdaptedModule, config: AdapterConfig, key_mapping: dict[str, str] | None) -> AdapterConfig:
+    """``config`` with the module paths it names (``targets``, ``input_scaling_targets`` lists,
+    ``rank_pattern`` / ``alpha_pattern`` keys) rewritten to the model's where, as written, they name
+    none of its linears but one by suffix or after ``key_mapping`` (a file saved from a model with a
+    head, loaded into the base model, or the other way round). Names that match stay as they are."""
+    if isinstance(config, ConfigUnion):
+        parts = tuple(_translate(gm, c, key_mapping) for c in config.configs)
+        return config if parts == config.configs else dataclasses.replace(config, configs=parts)
+    if not isinstance(config, LoRAConfig):
+        return config
+    paths = [lin.path for lin in gm._fx_linears.values()]
+
+    def name(entry: str) -> str:  # a list entry: PEFT's suffix match
+        if any(p == entry or p.endswith("." + entry) for p in paths):
+            return entry
+        return resolve_module(gm, entry, key_mapping) or entry
+
+    def pattern(key: str) -> str:  # a pattern key: PEFT's regex on the path's tail; a path written plain or escaped
+        if any(re.match(rf"(.*\.)?({key})$", p) for p in paths):
+            return key
+        plain = re.sub(r"\\(.)", r"\1", key)
+        found = resolve_module(gm, plain, key_mapping) if key in (plain, re.escape(plain)) else None
+        return key if found is None else re.escape(found) if key != plain else found
+
+    changes = {f: tuple(name(t) for t in getattr(config, f)) for f in ("targets", "input_scaling_targets")
+               if isinstance(getattr(config, f), tuple)}
+    changes.update({f: tuple((pattern(k), v) for k, v in getattr(config, f)) for f in ("rank_pattern", "alpha_pattern")})
+    return config.replace(**changes)
 
 
 def state_key(placement: Placement, name: str, param: str) -> str:
@@ -243,12 +310,18 @@ def _read_native(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
     meta = _read_json(path)
     if meta.get("format") != "fxadapt" or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f'{path} is not an fxadapt adapter config (needs "format": "fxadapt" and a "config" object)', path=path)
+    if not isinstance(meta.get("name", ""), str):
+        raise CheckpointError(f"{path}: name must be a string, got {meta['name']!r}", path=path)
     try:
         config = AdapterConfig.from_dict(meta["config"])
-    except (ConfigError, TypeError) as e:
+    except (ConfigError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config: {e}", path=path) from e
     weights = os.path.join(directory, NATIVE_WEIGHTS)
-    return Converted(str(meta.get("name") or config.architecture), config, read_tensors(weights), weights)
+    # Keys are matched to the model's by suffix when the adapter is checked (_match_keys).
+    tensors, sources = {}, {}
+    for key, tensor in read_tensors(weights).items():
+        _put(tensors, sources, _mapped(key, key_mapping), tensor, key, weights)
+    return Converted(meta.get("name") or config.architecture, _translate(gm, config, key_mapping), tensors, weights, sources, path)
 
 
 # PEFT config fields that change what the adapter computes and that fxadapt cannot express: they must be off.
@@ -256,28 +329,42 @@ _PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layers_to_tran
                      "layer_replication", "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
 
 
+# The PEFT config fields fxadapt reads and the JSON types each must have (true/false is no number here,
+# and "false" is no boolean), with the fxadapt field each becomes.
+_PEFT_FIELDS = {"r": ((int,), "r"), "lora_alpha": ((int, float), "alpha"), "lora_dropout": ((int, float), "dropout"),
+                "use_rslora": ((bool,), "use_rslora"), "target_modules": ((list, str, type(None)), "targets"),
+                "feedforward_modules": ((list, str, type(None)), "input_scaling_targets"),
+                "rank_pattern": ((dict, type(None)), "rank_pattern"), "alpha_pattern": ((dict, type(None)), "alpha_pattern")}
+_JSON_NAMES = {int: "an integer", float: "a number", bool: "true or false", list: "a list", str: "a string", dict: "an object",
+               type(None): "null"}
+
+
 def _read_peft(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
     path = os.path.join(directory, HUB_CONFIG)
     meta = _read_json(path)
     kind = meta.get("peft_type")
-    if kind not in ("LORA", "IA3"):
+    if kind not in ("LORA", "IA3") or not isinstance(kind, str):
         raise CheckpointError(f"{path}: peft_type {kind!r} is not supported (fxadapt reads LORA and IA3)", path=path)
     bad = [f for f in _PEFT_UNSUPPORTED if meta.get(f)] + (["bias"] if meta.get("bias", "none") != "none" else [])
     if bad:
         raise CheckpointError(f"{path}: PEFT option {bad[0]}={meta[bad[0]]!r} is not supported by fxadapt", path=path)
-    targets = meta.get("target_modules")
-    targets = tuple(targets) if isinstance(targets, list) else targets
+    for name, (types, _) in _PEFT_FIELDS.items():
+        value = meta.get(name)
+        if name in meta and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{path}: {name} must be {' or '.join(_JSON_NAMES[t] for t in types)}, got {value!r}", path=path)
+    listed = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
     try:
         if kind == "LORA":
-            config = LoRAConfig(selfattn_lora=False, targets=targets, r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8),
-                                dropout=float(meta.get("lora_dropout", 0.0)), use_rslora=bool(meta.get("use_rslora", False)),
+            config = LoRAConfig(selfattn_lora=False, targets=listed.get("target_modules"), r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8),
+                                dropout=meta.get("lora_dropout", 0.0), use_rslora=meta.get("use_rslora", False),
                                 rank_pattern=meta.get("rank_pattern") or {}, alpha_pattern=meta.get("alpha_pattern") or {})
         else:
-            ff = meta.get("feedforward_modules")
-            ff = tuple(ff) if isinstance(ff, list) else ff
-            config = IA3Config(selfattn_lora=False, intermediate_lora=False, targets=targets, input_scaling_targets=ff or None)
+            config = IA3Config(selfattn_lora=False, intermediate_lora=False, targets=listed.get("target_modules"),
+                               input_scaling_targets=listed.get("feedforward_modules") or None)
     except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}", path=path) from e
+        field = next((peft for peft, (_, ours) in _PEFT_FIELDS.items() if ours == e.field), e.field)
+        raise CheckpointError(f"{path}: {field}: {e}", path=path) from e
+    config = _translate(gm, config, key_mapping)
     weights = _first_file(directory, PEFT_WEIGHTS, "PEFT")
     params = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".ia3_l": "scale"}
     tensors, sources = {}, {}
@@ -289,8 +376,8 @@ def _read_peft(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
             # PEFT: (out, 1) scales the output, (1, in) the input of a feedforward module.
             if tensor.shape[0 if config.matches_input_scaling(module) else 1] == 1:
                 tensor = tensor.reshape(-1)
-        tensors[ours], sources[ours] = tensor, key
-    return Converted("lora" if kind == "LORA" else "ia3", config, tensors, weights, sources)
+        _put(tensors, sources, ours, tensor, key, weights)
+    return Converted("lora" if kind == "LORA" else "ia3", config, tensors, weights, sources, path)
 
 
 def _read_adapterhub(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
@@ -300,13 +387,16 @@ def _read_adapterhub(gm: AdaptedModule, directory: str, key_mapping) -> Converte
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: AdapterHub's config must be an object, got {config!r}", path=path)
     architecture = config.get("architecture") or "bottleneck"  # AdapterHub's bottleneck configs leave it unset
-    converter = ADAPTERHUB_CONVERTERS.get(architecture)
+    converter = ADAPTERHUB_CONVERTERS.get(architecture) if isinstance(architecture, str) else None
     if converter is None:
         raise CheckpointError(f"{path}: no converter for AdapterHub architecture {architecture!r} "
                               f"(registered: {sorted(ADAPTERHUB_CONVERTERS)})", path=path)
     weights = _first_file(directory, ADAPTERHUB_WEIGHTS, "AdapterHub")
-    ckpt = AdapterHubCheckpoint(str(meta.get("name") or architecture), config, read_tensors(weights), path, weights, key_mapping)
-    return converter(gm, ckpt)
+    if not isinstance(meta.get("name", ""), str):
+        raise CheckpointError(f"{path}: name must be a string, got {meta['name']!r}", path=path)
+    ckpt = AdapterHubCheckpoint(meta.get("name") or architecture, config, read_tensors(weights), path, weights, key_mapping)
+    converted = converter(gm, ckpt)
+    return dataclasses.replace(converted, config=_translate(gm, converted.config, key_mapping), config_path=path)
 
 
 _READERS = {"fxadapt": _read_native, "peft": _read_peft, "adapterhub": _read_adapterhub}
@@ -349,7 +439,7 @@ def _adapterhub_lora(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted
             chunks = tensor.split(tensor.shape[0] // len(parts)) if len(parts) > 1 else [tensor]
             for p, chunk in zip(parts or [None], chunks):
                 k = key if p is None else state_key(p, "adapter", ours)
-                tensors[k], sources[k] = chunk, key
+                _put(tensors, sources, k, chunk, key, ckpt.weights_path)
     return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
 
 
@@ -397,7 +487,7 @@ def _adapterhub_bottleneck(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Con
         if ".adapter_norm_before." in key:
             continue  # AdapterHub's alias of adapter_down.0 (ln_before), stored twice
         ours = _bottleneck_key(key, ckpt.name, blocks)
-        tensors[ours], sources[ours] = tensor, key
+        _put(tensors, sources, ours, tensor, key, ckpt.weights_path)
     if config.phm_layer and config.shared_phm_rule and not any(k.startswith("shared_parameters.") for k in tensors):
         # AdapterHub 1.3.0's save_adapter leaves the shared rule out of the file (its own loading
         # then starts from a new one too): say so, and start from AdapterHub's initialisation.
@@ -431,7 +521,7 @@ def _adapterhub_prefix(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Convert
         if "cross_prefix" in key:
             raise CheckpointError(f"{ckpt.weights_path}: tensor {key}: cross-attention prefixes are not supported",
                                   path=ckpt.weights_path, tensor=key)
-        tensors[ours], sources[ours] = tensor, key
+        _put(tensors, sources, ours, tensor, key, ckpt.weights_path)
     return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
 
 
@@ -439,13 +529,18 @@ def _adapterhub_prefix(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Convert
 def _adapterhub_union(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
     """AdapterHub ConfigUnion (MAM, UniPELT): each part's converter on its own tensors."""
     configs, tensors, sources = [], {}, {}
-    for part in ckpt.config.get("configs", []):
+    parts = ckpt.config.get("configs", [])
+    if not isinstance(parts, list) or not all(isinstance(p, dict) and (p.get("architecture") or "bottleneck") in ("lora", "bottleneck", "prefix_tuning")
+                                              for p in parts):
+        raise CheckpointError(f"{ckpt.config_path}: a union's configs must be a list of configs of known architectures, got {parts!r}",
+                              path=ckpt.config_path)
+    for part in parts:
         architecture = part.get("architecture") or "bottleneck"
         mine = {k: t for k, t in ckpt.tensors.items() if _owner_of(k, ckpt.name) == architecture}
         converted = ADAPTERHUB_CONVERTERS[architecture](gm, dataclasses.replace(ckpt, config=part, tensors=mine))
         configs.append(converted.config)
-        tensors.update(converted.tensors)
-        sources.update(converted.sources)
+        for key, tensor in converted.tensors.items():
+            _put(tensors, sources, key, tensor, converted.sources.get(key, key), ckpt.weights_path)
     leftover = [k for k in ckpt.tensors if _owner_of(k, ckpt.name) is None]
     if leftover:
         raise CheckpointError(f"{ckpt.weights_path}: unexpected tensor {leftover[0]}", path=ckpt.weights_path, tensor=leftover[0])
@@ -557,6 +652,11 @@ class CheckpointMixin:
         scaling): the same function, exactly. (IA)^3 with ``alpha != 1`` is written with the vector
         multiplied by ``alpha`` (PEFT has no alpha).
 
+        The directory is replaced in one step when every file is complete: an error or a crash
+        part-way leaves what was there before, whole. The checkpoint files of every format
+        (``CHECKPOINT_FILES``) in it are replaced, its other files kept. Weights that are not finite,
+        a config JSON cannot hold and I/O failures raise CheckpointError naming the path.
+
         >>> gm.save_adapter("out/lora", "lora")                    # doctest: +SKIP
         >>> gm.save_adapter("out/lora-peft", "lora", format="peft")  # doctest: +SKIP
         """
@@ -564,26 +664,43 @@ class CheckpointMixin:
         if format not in _WRITERS:
             raise CheckpointError(f"format must be one of {list(_WRITERS)}, got {format!r}", path=str(directory))
         config_name, meta, weights_name, tensors = _WRITERS[format](self, name)
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, config_name), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(directory, weights_name), metadata={"format": "pt"})
+        target = os.path.abspath(os.fspath(directory))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():  # a checkpoint load_adapter would refuse
+                raise CheckpointError(f"adapter {name!r}: tensor {key} holds NaN or infinite values; nothing was written",
+                                      path=target, tensor=key)
+        config_path, weights_path = os.path.join(target, config_name), os.path.join(target, weights_name)
+        with atomic_directory(target, owned=CHECKPOINT_FILES.__contains__) as tmp:
+            with open(os.path.join(tmp, config_name), "w", encoding="utf-8") as f:
+                try:
+                    json.dump(meta, f, indent=2, sort_keys=True, allow_nan=False)
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(f"{config_path}: the config of adapter {name!r} cannot be written as JSON ({e}); "
+                                          "nothing was written", path=config_path) from e
+            try:
+                save_file(tensors, os.path.join(tmp, weights_name), metadata={"format": "pt"})
+            except SafetensorError as e:
+                raise CheckpointError(f"cannot write {weights_path}: {e}", path=weights_path) from e
 
     def load_adapter(self: AdaptedModule, directory: str | os.PathLike, name: str | None = None, *, set_active: bool = False,
                      key_mapping: dict[str, str] | None = None) -> str:
         """Load an adapter saved by fxadapt, PEFT (LoRA, (IA)^3) or AdapterHub; return its name.
 
         The format is detected from the files. ``name`` defaults to the name in the file (fxadapt,
-        AdapterHub) or ``"lora"`` / ``"ia3"`` (PEFT). ``key_mapping`` renames module paths of PEFT and
-        AdapterHub files (``{regex: replacement}``) before they are matched to the model's linears.
-        The file is read safely and its dtypes checked before anything is added; the new adapter's
-        tensors must then all be in the file, with their shapes, and no others: else the adapter is
-        deleted again and CheckpointError names the file and tensor (the model is left as it was).
+        AdapterHub) or ``"lora"`` / ``"ia3"`` (PEFT). Module paths in the file are matched to the
+        model's exactly or by suffix (a checkpoint of ``BertForSequenceClassification`` fits its
+        ``BertModel`` and the other way round); ``key_mapping`` (``{regex: replacement}``) renames them
+        first. Before anything is allocated, the file is read safely, its config's fields, its dtypes
+        and values checked, and the adapter the config describes planned: its tensors must all be in the
+        file, with their shapes, and no others. Any failure raises CheckpointError naming the file and
+        the field or tensor, and leaves the model exactly as it was.
         Weights whose dtype differs from the model's are kept as they are and cast around the adapter
-        (as PEFT keeps fp32 adapters on a bf16 model), with a warning naming both dtypes.
+        (as PEFT keeps fp32 adapters on a bf16 model), with a warning naming both dtypes (none for
+        float32 LoRA / (IA)^3 weights on a float16 or bfloat16 model: what ``add_adapter`` builds there).
 
         >>> name = gm.load_adapter("out/lora-peft", set_active=True)  # doctest: +SKIP
         """
@@ -593,6 +710,7 @@ class CheckpointMixin:
         if name in self._fx_adapters:
             raise AdapterError(f"{self._fx_model_name} already has an adapter named {name!r}; pass another name=")
         config = _check_file(self, name, converted)
+        converted = _check_state(self, config, converted)
         self._add_with_weights(name, config, converted.tensors, set_active, converted)
         return name
 
@@ -616,7 +734,12 @@ class CheckpointMixin:
             raise AdapterError("average_adapter needs at least one adapter to average")
         if name in self._fx_adapters:
             raise AdapterError(f"{self._fx_model_name} already has an adapter named {name!r}")
-        weights = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+        try:
+            weights = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+        except (TypeError, ValueError) as e:
+            raise AdapterError(f"average_adapter's weights must be numbers, got {weights!r}") from e
+        if not all(math.isfinite(w) for w in weights):
+            raise AdapterError(f"average_adapter's weights must be finite, got {weights}")
         if len(weights) != len(names):
             raise AdapterError(f"average_adapter got {len(weights)} weights for {len(names)} adapters")
         if weights and normalize_weights:
@@ -636,12 +759,14 @@ class CheckpointMixin:
         for key, first in states[0].items():
             wide = torch.promote_types(first.dtype, torch.float32)
             averaged[key] = sum(w * s[key].detach().to(wide) for w, s in zip(weights, states)).to(first.dtype)
+            if not torch.isfinite(averaged[key]).all():  # float16 overflows
+                raise AdapterError(f"averaging {names} gives non-finite values in {key} ({first.dtype})")
         self._add_with_weights(name, config, averaged, set_active)
 
     def _add_with_weights(self: AdaptedModule, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], set_active: bool,
                           source: Converted | None = None) -> None:
-        """Add the adapter, check its tensors against ``source`` and fill them in; on any failure the
-        adapter is deleted again, so the model is left exactly as it was."""
+        """Add the adapter and fill in ``tensors`` (keyed as its ``adapter_state_dict``, already checked);
+        on any failure, memory included, the adapter is deleted again, so the model is left exactly as it was."""
         # Initialising weights that are overwritten at once must not move the global random state.
         with torch.random.fork_rng(devices=[]):
             try:
@@ -649,11 +774,13 @@ class CheckpointMixin:
             except (ConfigError, SiteError) as e:  # raised before anything is added
                 if source is None:
                     raise
-                raise CheckpointError(f"{source.path}: the adapter does not fit {self._fx_model_name}: {e}", path=source.path) from e
+                path = source.config_path or source.path
+                raise CheckpointError(f"{path}: the adapter does not fit {self._fx_model_name}: {e}", path=path) from e
         try:
-            if source is not None:
-                _check_state(self, name, source)
             state = self.adapter_state_dict(name)
+            if state.keys() != tensors.keys():  # a checked load cannot get here; say so rather than half-fill
+                raise AdapterError(f"adapter {name!r}: the weights to fill in ({sorted(tensors.keys() ^ state.keys())[:3]}...) do not "
+                                   "match the adapter's")
             with torch.no_grad():
                 for key, tensor in tensors.items():
                     state[key].copy_(tensor)
@@ -663,14 +790,16 @@ class CheckpointMixin:
 
 
 def _check_file(gm: AdaptedModule, name: str, c: Converted) -> AdapterConfig:
-    """What the file alone can tell, checked before anything is added: floating, consistent dtypes.
-    Returns the config to add (with ``dtype`` set when the file's differs from the model's)."""
+    """What the file alone can tell, checked before anything is added: floating, consistent dtypes,
+    finite values. Returns the config to add (with ``dtype`` set when the file's differs from the model's)."""
     path, config = c.path, c.config
     src = c.sources.get
     for key, tensor in c.tensors.items():
         if not tensor.is_floating_point() or str(tensor.dtype).removeprefix("torch.") not in DTYPES:
             raise CheckpointError(f"{path}: tensor {src(key, key)} has dtype {tensor.dtype}; adapter weights are float16, bfloat16, "
                                   "float32 or float64", path=path, tensor=src(key, key))
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {src(key, key)} holds NaN or infinite values", path=path, tensor=src(key, key))
     first = next(iter(c.tensors), None)
     if first is None:
         return config
@@ -683,6 +812,8 @@ def _check_file(gm: AdaptedModule, name: str, c: Converted) -> AdapterConfig:
     if not wanted and model_dtypes != [str(dtype)]:
         if "dtype" in {f.name for f in dataclasses.fields(config)}:
             config = config.replace(dtype=str(dtype).removeprefix("torch."))
+            if dtype == torch.float32 and set(model_dtypes) <= {"torch.float16", "torch.bfloat16"}:
+                return config  # what add_adapter builds on a half-precision model (autocast_adapter_dtype)
             how = f"kept in {dtype}, cast to and from the model's dtype around the adapter (as PEFT does)"
         else:
             how = f"cast to {', '.join(model_dtypes)}"
@@ -690,16 +821,76 @@ def _check_file(gm: AdaptedModule, name: str, c: Converted) -> AdapterConfig:
     return config
 
 
-def _check_state(gm: AdaptedModule, name: str, c: Converted) -> None:
-    """Every tensor the new adapter has is in the file with its shape, and no other."""
+def _planned_state(gm: AdaptedModule, config: AdapterConfig, c: Converted) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors ``add_adapter`` would make for ``config``, built on the meta device (their keys,
+    shapes and dtypes; nothing allocated), and for LoRA's the config field that sets their rank."""
+    from .module import _without_name
+
+    name = "adapter"  # keys do not depend on the name (add_adapter checks the real one)
+    path = c.config_path or c.path
+    try:
+        placements = plan(name, config, gm._fx_sites, gm._fx_linears, gm._fx_model_name, gm._fx_blocks, gm._fx_attentions)
+        built = [(p.module, METHODS[p.method].build(p.where, p.config or config, gm.get_parameter(p.where.weight).to("meta")))
+                 for p in placements if p.module is not None]
+        for shared in sorted({s for p in placements for s in p.shared}):
+            owners = [p for p in placements if shared in p.shared]
+            like = gm.get_parameter(owners[0].where.weight).to("meta")
+            built.append((shared, METHODS[owners[0].method].build_shared(owners[0].config, owners, like)))
+    except (ConfigError, SiteError) as e:
+        raise CheckpointError(f"{path}: the adapter does not fit {gm._fx_model_name}: {e}", path=path) from e
+    state = {}
+    for module, weights in built:
+        key = _without_name(module, name)
+        state.update({f"{key}.{k}" if key else k: t for k, t in weights.named_parameters()})
+    fields = {}
+    for p in placements:
+        if p.method == "lora" and p.module is not None:
+            cfg = p.config or config
+            pattern = next((k for k, _ in cfg.rank_pattern if re.match(rf"(.*\.)?({k})$", p.site.path)), None)
+            field = f"rank_pattern[{pattern!r}]" if pattern is not None else "r"
+            for param in ("lora_A", "lora_B"):
+                fields[state_key(p, name, param)] = f"{field}={cfg.rank_for(p.site.path)} in {path}"
+    return state, fields
+
+
+def _match_keys(expected: Iterable[str], c: Converted) -> Converted:
+    """The file's tensors keyed as the adapter's: the same key, or the only one that ends with it or
+    that it ends with (module paths of a model with and without a head); others keep their names."""
+    expected = set(expected)
+    taken = expected & c.tensors.keys()
+    tensors, sources = {}, {}
+    for key, tensor in c.tensors.items():
+        ours = key if key in expected else _by_suffix(key, expected - taken) or key
+        if ours in tensors:
+            ours = key
+        taken.add(ours)
+        tensors[ours], sources[ours] = tensor, c.sources.get(key, key)
+    return dataclasses.replace(c, tensors=tensors, sources=sources)
+
+
+def _bytes(n: int) -> str:
+    """A size for people: ``_bytes(3 * 2**30) == "3.0 GiB"``."""
+    return next(f"{n / 2 ** e:.1f} {unit}" for e, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "bytes")) if n >= 2 ** e or not e)
+
+
+def _check_state(gm: AdaptedModule, config: AdapterConfig, c: Converted) -> Converted:
+    """Before anything is allocated: every tensor the adapter would have is in the file with its shape,
+    and no other. Returns ``c`` keyed as the adapter's ``adapter_state_dict``."""
+    expected, fields = _planned_state(gm, config, c)
+    c = _match_keys(expected, c)
     path, src = c.path, (lambda key: c.sources.get(key, key))
-    expected = gm.adapter_state_dict(name)
     for key in expected:
         if key not in c.tensors:
             raise CheckpointError(f"{path}: tensor {key} is missing (the model has a site the file has no weights for)", path=path, tensor=key)
     for key, tensor in c.tensors.items():
         if key not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {src(key)} (no such site in {gm._fx_model_name})", path=path, tensor=src(key))
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            why = f", from {fields[key]}" if key in fields else ""
+            if want.numel() > tensor.numel():
+                need = sum(t.numel() * t.element_size() for t in expected.values())
+                why += f"; the adapter would need {_bytes(need)}"
             raise CheckpointError(f"{path}: tensor {src(key)} has shape {tuple(tensor.shape)}, {gm._fx_model_name} needs "
-                                  f"{tuple(expected[key].shape)} (an adapter for another model?)", path=path, tensor=src(key))
+                                  f"{tuple(want.shape)}{why} (an adapter for another model?)", path=path, tensor=src(key))
+    return c

@@ -42,6 +42,8 @@ def atomic_directory(target: str | os.PathLike, *, owned: Callable[[str], bool] 
     (``CheckpointError`` by default, with ``path``).
     """
     target = os.path.abspath(os.fspath(target))
+    if os.path.islink(target):  # write where the link points: the user's link stays a link
+        target = os.path.realpath(target)
     parent = os.path.dirname(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise _error(error, f"{target} exists and is not a directory", target)
@@ -58,6 +60,7 @@ def atomic_directory(target: str | os.PathLike, *, owned: Callable[[str], bool] 
                     _carry(os.path.join(target, name), os.path.join(tmp, name))
         _fsync_tree(tmp)
         _swap_into_place(tmp, target)
+        _fsync_directory(parent)
     except OSError as e:
         raise _error(error, f"cannot write {target}: {e.strerror or e}", target) from e
     finally:
@@ -92,6 +95,17 @@ def _fsync_tree(root: str) -> None:
                 continue
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_directory(path: str) -> None:
+    """Make the rename itself durable (POSIX; elsewhere directories cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _swap_into_place(tmp: str, target: str) -> None:
