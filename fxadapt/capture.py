@@ -4,6 +4,7 @@ transformers models without) or torch.fx.symbolic_trace (modules it can trace)."
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 import warnings
@@ -13,9 +14,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.graph import _PyTreeCodeGen
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, InputError
+from .ops import op_name
 from .passes.dropout import dropout_nodes, make_mode_aware, record_training_rates
 
 __all__ = ["capture", "InputSpec", "transformers_example_inputs"]
@@ -33,15 +36,33 @@ class InputSpec:
     defaults: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     main: str | None = None
     flags: dict[str, tuple] = field(default_factory=dict)  # non-tensor kwargs and the values the capture used
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # each tensor input's dtype in the graph
+    sizes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # dynamic sizes as symbols or expressions (None: fixed)
+    bounds: dict[Any, tuple[int, int | None]] = field(default_factory=dict)  # each size symbol's range
+
+    def __post_init__(self) -> None:
+        # Made once, here: a call's checks then only read plain data (torch.compile traces them).
+        self._known = frozenset(self.known())
+        self._plan = self._size_plan()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def bind(self, model_name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The graph's inputs from a call with the model's own signature; InputError if it cannot.
+        """The graph's inputs from a call with the model's own signature; InputError naming the input,
+        what the graph was captured with and what to do when it cannot take them.
 
-        Keyword-only calls take plain dictionary steps (torch.compile traces them whole)."""
+        Inputs of another dtype are cast as the model would cast them (a bool or float 0/1
+        ``attention_mask`` to the captured integer dtype, any floating input to the captured float
+        dtype); sizes are checked against the captured graph's (the model's position limit, lengths
+        that must agree between inputs, no empty dimension). Keyword-only calls take plain dictionary
+        steps (torch.compile traces them whole)."""
+        self._check_names(model_name, kwargs)
         values = self._bind_positional(model_name, args, kwargs) if args else dict(kwargs)
         for name in [n for n in values if n not in self.names]:
             value = values.pop(name)
-            if value is None or (name in self.flags and value in self.flags[name]):
+            if value is None or (name in self.flags and not isinstance(value, torch.Tensor) and value in self.flags[name]):
                 continue
             shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
             raise InputError(
@@ -55,7 +76,31 @@ class InputSpec:
                 else:
                     raise InputError(f"{model_name} needs input {name!r} (captured inputs: {', '.join(self.names)})")
             self._check_shape(model_name, name, values[name])
+            values[name] = self._cast(model_name, name, values[name])
+        self._check_sizes(model_name, values)
         return {name: values[name] for name in self.names}
+
+    def known(self) -> list[str]:
+        """Every keyword a call may pass: the graph's inputs, the model's own parameters, the flags."""
+        params = [] if self.signature is None else [n for n, p in self.signature.parameters.items()
+                                                     if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        return list(dict.fromkeys([*self.names, *params, *self.flags]))
+
+    def _check_names(self, model_name: str, kwargs: dict) -> None:
+        for name in kwargs:
+            if name not in self._known:
+                close = difflib.get_close_matches(name, self.known(), n=1)
+                hint = f"did you mean {close[0]}?" if close else "no such input"
+                raise InputError(f"{model_name}: {name}: {hint} (captured inputs: {', '.join(self.names)})")
+
+    def forward_signature(self) -> inspect.Signature:
+        """The signature the graph's forward shows: its inputs, then the flags a call may repeat
+        (so ``torch.export.export(gm, (), kwargs)`` takes the kwargs the model was captured with)."""
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.names]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=v[0]) for n, v in self.flags.items()
+                   if n not in self.names and v]
+        return inspect.Signature(params)
 
     def _bind_positional(self, model_name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
         if self.signature is None:
@@ -84,6 +129,61 @@ class InputSpec:
                 f"{model_name}: input {name!r} has shape {tuple(value.shape)}, the captured graph takes {want} "
                 "(* = any size); capture with example inputs of the shapes you need"
             )
+
+    def _cast(self, model_name: str, name: str, value: Any) -> Any:
+        """``value`` in the dtype the graph was captured with, where the cast changes no value (bool
+        or 0/1 masks to integers) or the model casts it too (floating inputs to its float dtype)."""
+        want = self.dtypes.get(name)
+        if want is None or not isinstance(value, torch.Tensor) or value.dtype == want:
+            return value
+        if want.is_complex or value.is_complex():
+            raise InputError(f"{model_name}: input {name!r} is {value.dtype}; the captured graph takes {want}: pass it as {want}")
+        cast = value.to(want)
+        if want.is_floating_point or value.device.type == "meta" or torch.equal(cast.to(value.dtype), value):
+            return cast
+        raise InputError(f"{model_name}: input {name!r} is {value.dtype} with values {want} cannot hold exactly; the graph was "
+                         f"captured with {want} (as the model takes it): pass {name} as {want}")
+
+    def _size_plan(self) -> list[tuple[str, int, list[tuple]]]:
+        """The size checks as plain data: per input, its rank and per dynamic dimension
+        (dim, symbol or None, lowest, highest, expression of other sizes or None)."""
+        return [(name, len(exprs), [(dim, e if e.is_Symbol else None, *self.bounds.get(e, (1, None)), None if e.is_Symbol else e)
+                                    for dim, e in enumerate(exprs) if e is not None])
+                for name, exprs in self.sizes.items()]
+
+    def _check_sizes(self, model_name: str, values: dict[str, Any]) -> None:
+        """Each dynamic size within the range the capture allows, sizes that share a symbol equal,
+        sizes given by an expression of other inputs' sizes equal to it."""
+        seen: dict[Any, tuple[str, int, int]] = {}
+        derived = []
+        for name, ndim, dims in self._plan:
+            value = values.get(name)
+            if not isinstance(value, torch.Tensor) or value.ndim != ndim:
+                continue
+            shape = value.shape
+            for dim, symbol, low, high, expr in dims:
+                size = shape[dim]
+                if size == 0:
+                    raise InputError(f"{model_name}: input {name!r} has shape {tuple(shape)}, empty in dimension {dim}; "
+                                     "the captured graph takes at least 1 there (leave empty batches out)")
+                if symbol is None:
+                    derived.append((name, dim, expr, size))
+                    continue
+                if high is not None and size > high:
+                    raise InputError(f"{model_name}: input {name!r} has {size} in dimension {dim}, the captured graph takes at most {high} "
+                                     f"there (the model's limit, e.g. its max_position_embeddings): truncate it to {high}")
+                if size < low:
+                    raise InputError(f"{model_name}: input {name!r} has {size} in dimension {dim}, the captured graph takes at least {low} there")
+                first = seen.setdefault(symbol, (name, dim, size))
+                if first[2] != size:
+                    raise InputError(f"{model_name}: input {name!r} has {size} in dimension {dim} but {first[0]!r} has {first[2]} in "
+                                     f"dimension {first[1]}; the captured graph needs them equal: pass inputs of matching shapes")
+        for name, dim, expr, size in derived:
+            if expr.free_symbols <= seen.keys():
+                want = int(expr.xreplace({sym: seen[sym][2] for sym in expr.free_symbols}))
+                if want != size:
+                    raise InputError(f"{model_name}: input {name!r} has {size} in dimension {dim}, the captured graph needs {want} there "
+                                     f"({expr} in the sizes of the other inputs): pass inputs of matching shapes")
 
 
 def capture(
@@ -114,6 +214,8 @@ def capture(
         raise CaptureError(f"capture() takes an nn.Module, got {type(model).__name__}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
+    # torch.export guards on the base of an input that is a view (``ids[:, :8]``), which later inputs lack.
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._is_view() else t, (args, kwargs))
     hf = _is_transformers(model)
     spec_defaults: dict = {}
     main = None
@@ -133,9 +235,13 @@ def capture(
     make_mode_aware(exported, train_dropout, train_sdpa)
 
     signature = _signature(model) if hf else None
+    sizes, bounds = _dynamic_sizes(exported)
     spec = InputSpec(
         names=tuple(inspect.signature(exported.forward).parameters),
         shapes=_fixed_shapes(exported),
+        dtypes=_input_dtypes(exported),
+        sizes=sizes,
+        bounds=bounds,
         signature=signature,
         defaults=spec_defaults,
         main=main,
@@ -143,6 +249,8 @@ def capture(
     )
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(exported.forward).parameters.values()):
         spec = None  # the graph takes *args: calls pass through unchanged
+    elif type(exported.graph._codegen) is _PyTreeCodeGen:
+        exported.graph._codegen.__class__ = _FlagsCodeGen  # the same generator; see _FlagsCodeGen
     gm = AdaptedModule._create(exported, spec, model)
     gm._fx_example = (args, kwargs)  # fxadapt.export's default example inputs
     return gm
@@ -160,6 +268,23 @@ _TRANSFORMERS_FLAGS = {
     "output_attentions": (False,),
     "output_hidden_states": (False,),
 }
+
+
+class _FlagsCodeGen(_PyTreeCodeGen):
+    """The captured graph's code generator with one change, for ``torch.export.export(gm, (), kwargs)``
+    with the kwargs of the capture: torch.export runs a GraphModule on the kwargs' values in order, so
+    values that are no tensor (flags the capture baked in, e.g. ``use_cache=False``) are left out when
+    there are more values than the graph has inputs."""
+
+    def process_inputs(self, *inputs: Any) -> Any:
+        """The flat inputs of the graph, flag values left out."""
+        flat = super().process_inputs(*inputs)
+        count = len(self.pytree_info.orig_args) if self.pytree_info is not None else len(flat)
+        if len(flat) > count:
+            tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+            if len(tensors) == count:
+                return tensors
+        return flat
 
 
 def _is_transformers(model: nn.Module) -> bool:
@@ -310,6 +435,64 @@ def _fixed_shapes(gm: GraphModule) -> dict[str, tuple[int | None, ...]]:
         if isinstance(val, torch.Tensor):
             shapes[node.name] = tuple(_static(s) for s in val.shape)
     return shapes
+
+
+def _input_dtypes(gm: GraphModule) -> dict[str, torch.dtype]:
+    return {n.name: n.meta["val"].dtype for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def _dynamic_sizes(gm: GraphModule) -> tuple[dict[str, tuple], dict]:
+    """Each tensor input's dynamic sizes as sympy symbols or expressions (None where fixed), and each
+    symbol's range. The lower bound is at least 1: torch.export reports 2 for sizes it keeps apart
+    from 0 and 1, and the graph runs at 1."""
+    sizes, bounds = {}, {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        exprs = []
+        for s in val.shape:
+            expr = s.node.expr if isinstance(s, torch.SymInt) and not s.node.expr.is_number else None
+            exprs.append(expr)
+            if expr is not None and expr.is_Symbol:
+                vr = s.node.shape_env.var_to_range.get(expr)
+                low = int(vr.lower) if vr is not None and vr.lower.is_Integer else 1
+                high = int(vr.upper) if vr is not None and vr.upper.is_Integer else None
+                bounds[expr] = (max(1, low if low > 2 else 1), high)
+        sizes[node.name] = tuple(exprs)
+    _position_limits(gm, bounds)
+    return sizes, bounds
+
+
+# Ops between an arange of positions and the embedding lookup that keep its values (plus a constant offset).
+_INDEX_OPS = frozenset("unsqueeze view reshape _unsafe_view expand clone contiguous to _to_copy type_as add sub".split())
+
+
+def _position_limits(gm: GraphModule, bounds: dict) -> None:
+    """Positions that the model computes with ``arange`` over an input's length and looks up in an
+    embedding table (GPT-2's ``wpe``): that length is at most the table's rows less the offset. torch.export
+    records no such bound (the lookup is data dependent); a longer input would fail inside the graph."""
+    for node in gm.graph.nodes:
+        if op_name(node) != "embedding" or len(node.args) < 2:
+            continue
+        weight, x, offset = node.args[0], node.args[1], 0
+        while isinstance(x, torch.fx.Node) and op_name(x) in _INDEX_OPS:
+            if op_name(x) in ("add", "sub"):
+                if not isinstance(x.args[1], int) or isinstance(x.args[1], bool):
+                    break
+                offset += x.args[1] if op_name(x) == "add" else -x.args[1]
+            x = x.args[0]
+        if not isinstance(x, torch.fx.Node) or op_name(x) != "arange" or not 1 <= len(x.args) <= 2:
+            continue
+        start, end = (0, x.args[0]) if len(x.args) == 1 else x.args
+        size = end.meta.get("val") if isinstance(end, torch.fx.Node) else None
+        table = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+        if not (isinstance(start, int) and isinstance(size, torch.SymInt) and size.node.expr.is_Symbol and isinstance(table, torch.Tensor)):
+            continue
+        expr = size.node.expr
+        low, high = bounds.get(expr, (1, None))
+        limit = int(table.shape[0]) - offset - start
+        bounds[expr] = (low, limit if high is None else min(high, limit))
 
 
 def _static(size) -> int | None:

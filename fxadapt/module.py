@@ -16,9 +16,12 @@ tensors, the originals of merged weights) and point those ops at the new device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +31,8 @@ from torch.fx import GraphModule
 
 from .capture import InputSpec
 from .checkpoint import CheckpointMixin
-from .config import AdapterConfig, resolve_config
-from .errors import AdapterError, InputError, MergeError
+from .config import AdapterConfig, BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
+from .errors import AdapterError, ConfigError, InputError, MergeError
 from .passes import METHODS, OPTIMIZATIONS, insert_adapters
 from .passes.bottleneck import frozen_parameters
 from .passes.dropout import RATE_MODULE, DropoutRate
@@ -53,6 +56,22 @@ class _Adapter:
     def modules(self) -> list[str]:
         """Every module path holding this adapter's weights."""
         return [p.module for p in self.placements if p.module is not None] + self.shared
+
+
+@dataclass
+class _Job:
+    """One weights module of a new adapter: where it goes, how to build it from the weight it
+    follows (device, dtype), and the config and placement that set its size."""
+
+    path: str
+    build: Callable[[torch.Tensor], nn.Module]
+    like: str
+    config: AdapterConfig
+    placement: Placement | None = None
+
+
+# What an AdaptedModule operation may change besides modules, parameters and the graph (see _atomic).
+_BOOKKEEPING = ("_fx_adapters", "_fx_active", "_fx_merged", "_fx_originals", "_fx_merge_inactive")
 
 
 class AdaptedModule(CheckpointMixin, GraphModule):
@@ -92,6 +111,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_adapters: dict[str, _Adapter] = {}
         gm._fx_active: list[str] = []
         gm._fx_merged: list[str] = []
+        gm._fx_merge_inactive: set[str] = set()  # merged adapters that were inactive before: inactive again on reset
         gm._fx_originals: dict[str, nn.Parameter] = {}
         gm._fx_capture_device, gm._fx_capture_dtype = _single_device(gm), _float_dtype(gm)
         gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
@@ -111,8 +131,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         if None not in (device, self._fx_capture_device) and device != self._fx_capture_device:
             retarget_devices(graph, self._fx_capture_device, device)
         graph.lint()
-        self.graph = graph
-        self.recompile()
+        self.graph = graph  # the setter recompiles
 
     # -- adapters --------------------------------------------------------------------------
 
@@ -135,12 +154,21 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         """The adapters folded into the weights."""
         return list(self._fx_merged)
 
-    def add_adapter(self, name: str, config: AdapterConfig | str, *, set_active: bool = False) -> None:
+    def add_adapter(self, name: str, config: AdapterConfig | str, *, set_active: bool = False, autocast_adapter_dtype: bool = True) -> None:
         """Add adapter ``name`` with a config object or a ``fxadapt.CONFIGS`` id ("lora", "ia3", ...).
 
         Its weights are new parameters on this module (the model is not changed). As in AdapterHub,
         the adapter does not act until activated (``set_active=True``, ``set_active_adapters`` or
         ``train_adapter``).
+
+        Sizes are checked before anything is allocated: weights that would not fit in the memory
+        available on their device raise :class:`~fxadapt.ConfigError` naming the field that sets their
+        size (``r``, ``rank_pattern``, ``reduction_factor``, ``prefix_length``...) and the bytes
+        needed. Any failure leaves the module exactly as it was.
+
+        ``autocast_adapter_dtype`` (PEFT's name and default): on a float16 / bfloat16 model, LoRA and
+        (IA)^3 weights are float32, and the adapter's input and output are cast around them; False
+        keeps the model's dtype. A config's own ``dtype`` wins over both.
         """
         config = resolve_config(config)
         if not isinstance(name, str) or not name or "." in name or not name.isprintable() or " " in name:
@@ -149,35 +177,79 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             raise AdapterError(f"adapter name {name!r} is taken by torch.nn.Module itself (it names submodules); choose another")
         if name in self._fx_adapters:
             raise AdapterError(f"{self._fx_model_name} already has an adapter named {name!r}; delete_adapter({name!r}) first")
+        if not isinstance(autocast_adapter_dtype, bool):
+            raise ConfigError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}",
+                              field="autocast_adapter_dtype", value=autocast_adapter_dtype)
         placements = plan(name, config, self._fx_sites, self._fx_linears, self._fx_model_name, self._fx_blocks, self._fx_attentions)
         adapter = _Adapter(name, config, placements, sorted({path for p in placements for path in p.shared}))
         if set_active:
             self._check_composable(self._fx_active + [name], {name: adapter})
-        for p in placements:
-            like = self.get_parameter(p.where.weight)
+        jobs = self._weight_jobs(adapter, autocast_adapter_dtype)
+        sizes = self._check_memory(name, jobs)
+        with self._atomic():
+            built = {}
+            for job in jobs:
+                try:
+                    built[job.path] = job.build(self.get_parameter(job.like))
+                except (MemoryError, RuntimeError) as e:
+                    if not isinstance(e, MemoryError) and "alloc" not in str(e).lower() and "out of memory" not in str(e).lower():
+                        raise
+                    raise _size_error(self._fx_model_name, name, sizes, f"allocating them failed ({type(e).__name__}: {str(e).strip()[:200]})") from e
+            for p in placements:
+                if p.module is not None:
+                    connect(built[p.module], self._fx_gates, name, p.where.layer, gate_location(p))
+            for path, weights in built.items():
+                _set_module(self, path, weights.train(self.training))  # a new module is in training mode; follow ours
+            self._fx_adapters[name] = adapter
+            if set_active:
+                self._fx_active.append(name)
+            self._rebuild()
+
+    def _weight_jobs(self, adapter: _Adapter, autocast: bool) -> list[_Job]:
+        """What to build for a new adapter: one weights module per placement that has one, and the
+        modules its placements share."""
+        jobs = []
+        for p in adapter.placements:
             if p.module is not None:
-                weights = METHODS[p.method].build(p.where, p.config or config, like)
-                connect(weights, self._fx_gates, name, p.where.layer, gate_location(p))
-                _set_module(self, p.module, weights)
+                config = _adapter_dtype(p.config or adapter.config, self.get_parameter(p.where.weight), autocast)
+                jobs.append(_Job(p.module, functools.partial(METHODS[p.method].build, p.where, config), p.where.weight, config, p))
         for path in adapter.shared:
-            owners = [p for p in placements if path in p.shared]
-            _set_module(self, path, METHODS[owners[0].method].build_shared(owners[0].config, owners, like))
-        self._fx_adapters[name] = adapter
-        if set_active:
-            self._fx_active.append(name)
-        self._rebuild()
+            owners = [p for p in adapter.placements if path in p.shared]
+            config = owners[0].config or adapter.config
+            jobs.append(_Job(path, functools.partial(METHODS[owners[0].method].build_shared, config, owners), owners[0].where.weight, config))
+        return jobs
+
+    def _check_memory(self, name: str, jobs: list[_Job]) -> list[tuple[int, _Job, nn.Module]]:
+        """Build the weights on the meta device (no memory, no random numbers drawn) and compare their
+        size with the memory available on each device; ConfigError naming the field that sets the size
+        when they do not fit. Returns each job's bytes and meta weights."""
+        sizes, needed = [], {}
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            for job in jobs:
+                like = self.get_parameter(job.like)
+                weights = job.build(torch.empty(0, dtype=like.dtype, device="meta"))
+                size = sum(t.numel() * t.element_size() for t in (*weights.parameters(), *weights.buffers()))
+                sizes.append((size, job, weights))
+                needed[like.device] = needed.get(like.device, 0) + size
+        for device, size in needed.items():
+            available = _available_memory(device)
+            if available is not None and size > available:
+                raise _size_error(self._fx_model_name, name, sizes, f"{_bytes(available)} of {device} memory are available")
+        return sizes
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter and its weights (a merged adapter is reset first)."""
         self._adapter(name)
-        if name in self._fx_merged:
-            self.reset_adapter(name)
-        adapter = self._fx_adapters.pop(name)
-        for path in adapter.modules:
-            _delete_module(self, path)
-        if name in self._fx_active:
-            self._fx_active.remove(name)
-        self._rebuild()
+        with self._atomic():
+            if name in self._fx_merged:
+                self.reset_adapter(name)
+            adapter = self._fx_adapters.pop(name)
+            for path in adapter.modules:
+                _delete_module(self, path)
+            if name in self._fx_active:
+                self._fx_active.remove(name)
+            self._fx_merge_inactive.discard(name)
+            self._rebuild()
 
     def set_active_adapters(self, names: str | Iterable[str] | None) -> None:
         """Make exactly these adapters act, composed in this order (None or [] for none).
@@ -189,8 +261,9 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         if dropped:
             raise AdapterError(f"adapter(s) {dropped} are merged into the weights; reset_adapter() them before deactivating")
         self._check_composable(names)
-        self._fx_active = names
-        self._rebuild()
+        with self._atomic():
+            self._fx_active = names
+            self._rebuild()
 
     def train_adapter(self, names: str | Iterable[str], also: Iterable[str] = ()) -> None:
         """Train these adapters: activate them, put the module in training mode and make only their
@@ -212,11 +285,12 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                 raise AdapterError(f"also={prefix!r} names no base parameter of {self._fx_model_name}")
             trainable |= {id(base[k]) for k in hits}
         frozen = {id(p) for n in names for path in self._fx_adapters[n].modules for p in frozen_parameters(self.get_submodule(path))}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in trainable and id(p) not in frozen)
-        self.train()
-        self._fx_active = [n for n in self._fx_merged if n not in names] + names
-        self._rebuild()
+        with self._atomic():
+            for p in self.parameters():
+                p.requires_grad_(id(p) in trainable and id(p) not in frozen)
+            self.train()
+            self._fx_active = [n for n in self._fx_merged if n not in names] + names
+            self._rebuild()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's weights keyed by where they sit, without the adapter's name:
@@ -232,12 +306,17 @@ class AdaptedModule(CheckpointMixin, GraphModule):
 
     # -- merge -----------------------------------------------------------------------------
 
-    def merge_adapter(self, names: str | Iterable[str]) -> None:
+    def merge_adapter(self, names: str | Iterable[str], *, safe_merge: bool = False) -> None:
         """Fold LoRA / (IA)^3 adapters into the weights: the graph becomes the base graph again.
 
         The merged weights are new tensors on this module; the original parameters (shared with
         your model) are kept untouched and come back with ``reset_adapter``. Merged adapters act
-        first, before any active unmerged adapter, in the order they were merged.
+        first, before any active unmerged adapter, in the order they were merged. An adapter that
+        was not active acts while merged (as in AdapterHub) and is inactive again after the reset.
+
+        ``safe_merge=True`` (PEFT's name) checks that every merged weight is finite before anything
+        changes: MergeError names the adapter and the weight otherwise. Any failure leaves the module
+        exactly as it was.
         """
         names = [n for n in self._names(names) if n not in self._fx_merged]
         for name in names:
@@ -245,30 +324,37 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             for p in adapter.placements:
                 if METHODS[p.method].fold is None:
                     raise MergeError(f"adapter {name!r} ({type(adapter.config).__name__}) cannot be merged into the weights")
-            if getattr(adapter.config, "use_gating", False):
+            if getattr(adapter.config, "use_gating", False) or any(getattr(p.config, "use_gating", False) for p in adapter.placements):
                 raise MergeError(f"adapter {name!r} is gated: its output depends on the input and cannot be folded")
-        self._fx_merged += names
-        self._fx_active = [n for n in self._fx_active if n not in names] + names
-        self._refold()
-        self._rebuild()
+        with self._atomic():
+            self._fx_merge_inactive |= {n for n in names if n not in self._fx_active}
+            self._fx_merged += names
+            self._fx_active = [n for n in self._fx_active if n not in names] + names
+            self._refold(check_finite=safe_merge)
+            self._rebuild()
 
     def reset_adapter(self, name: str | None = None) -> None:
         """Undo ``merge_adapter`` for one adapter (or all): original weights back, bit for bit.
 
-        The adapter stays active, now acting through the graph again.
+        An adapter that was active before the merge stays active, now acting through the graph
+        again; one that was not active is inactive again (AdapterHub's reset: the output is the
+        base model's again).
         """
-        if name is None:
-            self._fx_merged = []
-        else:
+        if name is not None:
             self._adapter(name)
             if name not in self._fx_merged:
                 raise AdapterError(f"adapter {name!r} is not merged")
-            self._fx_merged.remove(name)
-        self._refold()
-        self._rebuild()
+        with self._atomic():
+            undone = list(self._fx_merged) if name is None else [name]
+            self._fx_merged = [n for n in self._fx_merged if n not in undone]
+            self._fx_active = [n for n in self._fx_active if n not in self._fx_merge_inactive or n not in undone]
+            self._fx_merge_inactive -= set(undone)
+            self._refold()
+            self._rebuild()
 
-    def _refold(self) -> None:
-        """Recompute every merged weight from its original; put back originals no adapter folds into."""
+    def _refold(self, check_finite: bool = False) -> None:
+        """Recompute every merged weight from its original; put back originals no adapter folds into.
+        With ``check_finite``, MergeError names the adapter whose fold makes a weight non-finite."""
         folds: dict[str, list[Placement]] = {}
         for name in self._fx_merged:
             for p in self._fx_adapters[name].placements:
@@ -284,9 +370,43 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                 w, b = weight.detach(), None if bias is None else bias.detach()
                 for p in placements:
                     w, b = METHODS[p.method].fold(w, b, p, self.get_submodule(p.module))
+                    if check_finite and not (w.isfinite().all() and (b is None or b.isfinite().all())):
+                        raise MergeError(f"merging adapter {p.adapter!r} makes {weight_path if not w.isfinite().all() else bias_path} of "
+                                         f"{self._fx_model_name} non-finite (NaN or inf): the adapter seems broken; nothing was merged")
                 _set_param(self, weight_path, nn.Parameter(w.to(weight.dtype), requires_grad=False))
                 if bias_path:
                     _set_param(self, bias_path, nn.Parameter(b.to(bias.dtype), requires_grad=False))
+
+    @contextlib.contextmanager
+    def _atomic(self):
+        """Run the body as one change: when it raises (anything, MemoryError and KeyboardInterrupt
+        included), every submodule, parameter, buffer, ``requires_grad`` flag, mode, the adapter
+        bookkeeping and the graph are put back as they were. Nested uses restore at the outermost."""
+        if self.__dict__.get("_fx_in_atomic"):
+            yield
+            return
+        modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), m.training) for m in self.modules()]
+        params = {id(p): p for p in (*self.parameters(), *self._fx_originals.values())}
+        flags = [(p, p.requires_grad) for p in params.values()]
+        state = {k: copy.copy(self.__dict__[k]) for k in _BOOKKEEPING}
+        graph = self._graph
+        self.__dict__["_fx_in_atomic"] = True
+        try:
+            yield
+        except BaseException:
+            for m, children, own, buffers, training in modules:
+                for now, then in ((m._modules, children), (m._parameters, own), (m._buffers, buffers)):
+                    now.clear()
+                    now.update(then)
+                m.training = training
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self.__dict__.update(state)
+            if self._graph is not graph:
+                self.graph = graph  # the setter recompiles: the code is the code before
+            raise
+        finally:
+            self.__dict__["_fx_in_atomic"] = False
 
     def merge_and_unload(self, *, inplace: bool = False) -> nn.Module:
         """The model this module was captured from, as a plain module of its own class (e.g.
@@ -331,6 +451,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                     original.copy_(value)  # the user's parameter now holds the merged weight
                     _set_param(self, path, original)
             self._fx_originals, names, self._fx_merged = {}, self._fx_merged, []
+            self._fx_merge_inactive -= set(names)
             for name in names:
                 self.delete_adapter(name)
             return source
@@ -417,6 +538,9 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             code = super().recompile()
         finally:
             lean, self._graph = self._graph, graph
+        spec = self.__dict__.get("_fx_inputs")
+        if spec is not None:  # what torch.export binds a call's kwargs to (the generated forward takes the graph's inputs only)
+            type(self).forward.__signature__ = spec.forward_signature()
         # Line -> node index, as torch.compile reads it against self.graph to keep node metadata.
         index = {node: i for i, node in enumerate(graph.nodes)}
         lean_nodes = list(lean.nodes)
@@ -496,8 +620,8 @@ def _without_name(path: str, name: str) -> str:
 
 
 def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
-    """Forward pre-hook: bind a call with the model's signature to the graph's inputs; turn on the
-    gate recorder for ``output_adapter_gating_scores=True``."""
+    """Forward pre-hook: bind a call with the model's signature to the graph's inputs (InputError for
+    inputs the graph cannot take); turn on the gate recorder for ``output_adapter_gating_scores=True``."""
     module._fx_gates.values.clear()
     module._fx_gates.active = bool(kwargs.pop("output_adapter_gating_scores", False))
     spec = module._fx_inputs
@@ -519,6 +643,75 @@ def _float_dtype(module: nn.Module) -> torch.dtype | None:
     """The one floating dtype of ``module``'s parameters; None for none or several."""
     dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _adapter_dtype(config: AdapterConfig, like: torch.Tensor, autocast: bool) -> AdapterConfig:
+    """The config to build with: LoRA / (IA)^3 weights in float32 on a float16 / bfloat16 model
+    (PEFT's ``autocast_adapter_dtype``), unless the config names its own ``dtype``."""
+    if autocast and isinstance(config, LoRAConfig) and config.dtype is None and like.dtype in (torch.float16, torch.bfloat16):
+        return config.replace(dtype="float32")
+    return config
+
+
+def _size_field(config: AdapterConfig, placement: Placement | None, weights: nn.Module) -> str:
+    """The config field that sets the size of these weights (named when they do not fit)."""
+    if isinstance(config, LoRAConfig):
+        site = placement.site if placement is not None else None
+        return "rank_pattern" if site is not None and config.rank_for(site.path) != config.r else "r"
+    if isinstance(config, PrefixTuningConfig):
+        wte = getattr(weights, "wte", None)
+        if wte is None or wte.weight.numel() >= sum(t.numel() for t in weights.control_trans.parameters()):
+            return "prefix_length"
+        return "bottleneck_size"
+    if isinstance(config, BnConfig):
+        if placement is None:
+            return "phm_dim"  # the PHM weights an adapter shares across layers
+        return "inv_adapter_reduction_factor" if placement.method == "invertible" else "reduction_factor"
+    return "configs"
+
+
+def _size_error(model_name: str, name: str, sizes: list[tuple[int, _Job, nn.Module]], what: str) -> ConfigError:
+    """ConfigError naming the field that sets the size of the adapter's largest weights and the bytes all need."""
+    total = sum(size for size, _, _ in sizes)
+    _, job, weights = max(sizes, key=lambda item: item[0])
+    field = _size_field(job.config, job.placement, weights)
+    value = getattr(job.config, field, None)
+    return ConfigError(f"adapter {name!r}: {type(job.config).__name__}.{field}={value!r} makes weights of {_bytes(total)} ({total} bytes) "
+                       f"on {model_name}; {what}. Lower {field}", field=field, value=value)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory; for the CPU the kernel's
+    MemAvailable, capped by a cgroup's limit; None where it cannot be told (meta, other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())[0]
+    if device.type != "cpu":
+        return None
+    free = []
+    try:
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                text = a.read().strip()
+                if text != "max":
+                    free.append(int(text) - int(b.read().strip()))
+        except (OSError, ValueError):
+            pass
+    if not free:
+        try:
+            free.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # not on this system (macOS)
+            return None
+    return max(0, min(free))
 
 
 def retarget_devices(graph: torch.fx.Graph, old: torch.device, new: torch.device) -> None:
@@ -569,7 +762,7 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     owner = root
     for part in parents:
         if not hasattr(owner, part):
-            owner.add_module(part, nn.ModuleDict())
+            owner.add_module(part, nn.ModuleDict().train(root.training))
         owner = getattr(owner, part)
     owner.add_module(leaf, module)
 

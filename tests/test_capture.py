@@ -53,8 +53,10 @@ def test_call_errors_name_the_input():
     gm(**inputs, output_hidden_states=False, return_dict=True)  # what the capture used: accepted
     with pytest.raises(fxadapt.InputError, match="needs input 'input_ids'"):
         gm(attention_mask=inputs["attention_mask"])
-    with pytest.raises(fxadapt.InputError, match="unexpected keyword argument 'nonsense'|captured without nonsense"):
+    with pytest.raises(fxadapt.InputError, match="BertModel: nonsense: no such input"):
         gm(**inputs, nonsense=torch.ones(1))
+    with pytest.raises(fxadapt.InputError, match=r"captured without position_ids=<tensor \(3, 11\)>; capture it with example_kwargs"):
+        gm(**inputs, position_ids=torch.arange(11).expand(3, 11))
 
 
 def test_capture_restores_the_models_mode_and_config():

@@ -123,14 +123,15 @@ class Emitter:
         return self._new("call_module", RATE_MODULE, (float(p),))
 
     def scale_input(self, scale_path: str, scaling: float = 1.0, cast: bool = False) -> None:
-        """Multiply the projection's input by ``scaling`` times a vector, for this projection only."""
+        """Multiply the projection's input by ``scaling`` times a vector, for this projection only.
+        With ``cast`` (a vector in a dtype of its own), the product is rounded to the input's dtype once."""
         x = self.node.args[self.x_index]
         s = self._new("get_attr", scale_path, (), before=True)
         if scaling != 1.0:
             s = self._new("call_function", aten.mul.Tensor, (s, scaling), before=True)
-        if cast:
-            s = self._new("call_function", aten.type_as.default, (s, x), before=True)
         scaled = self._new("call_function", aten.mul.Tensor, (x, s), before=True)
+        if cast:
+            scaled = self._new("call_function", aten.type_as.default, (scaled, x), before=True)
         args = list(self.node.args)
         args[self.x_index] = scaled
         self.node.args = tuple(args)

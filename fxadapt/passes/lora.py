@@ -99,20 +99,27 @@ def _build_ia3(site: Site, config: LoRAConfig, like: torch.Tensor) -> IA3Weights
 
 
 def insert_lora(e: Emitter, p: Placement, w: LoRAWeights) -> None:
-    x = e.x
+    a, b = e.attr(f"{p.module}.lora_A"), e.attr(f"{p.module}.lora_B")
+    # Weights in a dtype of their own (float32 on a half-precision model): as PEFT, the input is cast
+    # to it before dropout, the sum is taken in it and rounded to the model's dtype once.
+    x = e.call(aten.type_as.default, e.x, a) if w.cast else e.x
     if w.dropout > 0:
         x = e.call(aten.dropout.default, x, e.rate(w.dropout), True)
-    a, b = e.attr(f"{p.module}.lora_A"), e.attr(f"{p.module}.lora_B")
-    if w.cast:
-        x = e.call(aten.type_as.default, x, a)
     delta = e.call(aten.linear.default, e.call(aten.linear.default, x, a), b)
     if w.gate is not None:
-        delta = e.call(aten.mul.Tensor, delta, _gate_rows(e, e.module(f"{p.module}.gate", sequence_input(e.x)), e.x))
+        gate_in = sequence_input(e.x)
+        if w.cast:
+            gate_in = e.call(aten.type_as.default, gate_in, a)
+        delta = e.call(aten.mul.Tensor, delta, _gate_rows(e, e.module(f"{p.module}.gate", gate_in), e.x))
     elif w.scaling != 1.0:
         delta = e.call(aten.mul.Tensor, delta, w.scaling)
-    if w.cast:
-        delta = e.call(aten.type_as.default, delta, e.y)
+    if not w.cast:
+        e.add_to_columns(delta, p.site, f"{p.module}.columns")
+        return
+    y = e.y
+    e.y = e.call(aten.type_as.default, y, delta)
     e.add_to_columns(delta, p.site, f"{p.module}.columns")
+    e.y = e.call(aten.type_as.default, e.y, y)
 
 
 def _gate_rows(e: Emitter, gate, x):
@@ -130,9 +137,9 @@ def insert_ia3(e: Emitter, p: Placement, w: IA3Weights) -> None:
     scale = e.attr(f"{p.module}.scale")
     if w.scaling != 1.0:
         scale = e.call(aten.mul.Tensor, scale, w.scaling)
-    if w.cast:
-        scale = e.call(aten.type_as.default, scale, e.y)
-    e.y = e.call(aten.mul.Tensor, e.y, e.full_vector(scale, p.site, f"{p.module}.columns", 1.0))
+    scaled = e.call(aten.mul.Tensor, e.y, e.full_vector(scale, p.site, f"{p.module}.columns", 1.0))
+    # A vector in a dtype of their own: the product is taken in the wider dtype and rounded once (as PEFT).
+    e.y = e.call(aten.type_as.default, scaled, e.y) if w.cast else scaled
 
 
 # -- folds ------------------------------------------------------------------------------------
