@@ -7,90 +7,75 @@ into the weights.
 >>> import fxadapt
 >>> fxadapt.CONFIGS["pfeiffer"].reduction_factor
 16
+
+The public names are imported on first use (PEP 562), so ``import fxadapt`` and the ``fxadapt``
+command line start without loading torch and transformers.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .capture import capture
-from .config import (
-    CONFIGS,
-    AdapterConfig,
-    BnConfig,
-    CompacterConfig,
-    CompacterPlusPlusConfig,
-    ConfigUnion,
-    DoubleSeqBnConfig,
-    DoubleSeqBnInvConfig,
-    HoulsbyConfig,
-    HoulsbyInvConfig,
-    IA3Config,
-    LoRAConfig,
-    MAMConfig,
-    ParallelConfig,
-    ParBnConfig,
-    PfeifferConfig,
-    PfeifferInvConfig,
-    PrefixTuningConfig,
-    SeqBnConfig,
-    SeqBnInvConfig,
-    UniPELTConfig,
-    config_id,
-    resolve_config,
-)
-from .errors import (AdapterError, CaptureError, CheckpointError, ConfigError, DrawError, ExportError, FxAdaptError, InputError,
-                     MergeError, SiteError)
-from .draw import draw
-from .export import export
-from .module import AdaptedModule
-from .sites import Site
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import AdapterConfig
+    from .module import AdaptedModule
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptedModule",
-    "AdapterConfig",
-    "AdapterError",
-    "BnConfig",
-    "CONFIGS",
-    "CompacterConfig",
-    "CompacterPlusPlusConfig",
-    "ConfigUnion",
-    "DoubleSeqBnConfig",
-    "DoubleSeqBnInvConfig",
-    "HoulsbyConfig",
-    "HoulsbyInvConfig",
-    "MAMConfig",
-    "ParBnConfig",
-    "ParallelConfig",
-    "PfeifferConfig",
-    "PfeifferInvConfig",
-    "PrefixTuningConfig",
-    "SeqBnConfig",
-    "SeqBnInvConfig",
-    "UniPELTConfig",
-    "CaptureError",
-    "CheckpointError",
-    "ConfigError",
-    "DrawError",
-    "ExportError",
-    "FxAdaptError",
-    "IA3Config",
-    "InputError",
-    "LoRAConfig",
-    "MergeError",
-    "Site",
-    "SiteError",
-    "capture",
-    "draw",
-    "errors",
-    "export",
-    "rewrite",
-]
+#: Public name -> the submodule that defines it.
+_SOURCES = {
+    **dict.fromkeys(["AdapterError", "CaptureError", "CheckpointError", "ConfigError", "DrawError", "ExportError", "FxAdaptError",
+                     "InputError", "MergeError", "SiteError"], "errors"),
+    **dict.fromkeys(["CONFIGS", "AdapterConfig", "BnConfig", "CompacterConfig", "CompacterPlusPlusConfig", "ConfigUnion",
+                     "DoubleSeqBnConfig", "DoubleSeqBnInvConfig", "HoulsbyConfig", "HoulsbyInvConfig", "IA3Config", "LoRAConfig",
+                     "MAMConfig", "ParallelConfig", "ParBnConfig", "PfeifferConfig", "PfeifferInvConfig", "PrefixTuningConfig",
+                     "SeqBnConfig", "SeqBnInvConfig", "UniPELTConfig", "config_id", "resolve_config"], "config"),
+    "AdaptedModule": "module",
+    "Site": "sites",
+    "capture": "capture",
+    "draw": "draw",
+    "export": "export",
+}
+
+__all__ = sorted([name for name in _SOURCES if name not in ("config_id", "resolve_config")] + ["errors", "rewrite"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule, such as ``fxadapt.checkpoint``) on first use."""
+    if name in _SOURCES:
+        value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``fxadapt.capture`` (``draw``, ``export``) binds it as an attribute of
+    the package, which would hide the function of the same name: those bindings are dropped, and the
+    name resolves to the function through ``__getattr__``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _SOURCES.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def rewrite(
@@ -112,6 +97,9 @@ def rewrite(
     >>> gm.adapter_state_dict("lora")["0.lora_A"].shape
     torch.Size([2, 4])
     """
+    from .capture import capture
+    from .config import config_id, resolve_config
+
     config = resolve_config(config)
     gm = capture(model, example_inputs, example_kwargs)
     gm.add_adapter(name or config_id(config), config, set_active=True)

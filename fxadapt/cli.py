@@ -3,13 +3,17 @@ adapters, merge an adapter into a plain transformers model, export, draw.
 
     fxadapt sites   MODEL_DIR
     fxadapt summary MODEL_DIR --config lora [--config ia3 ...]
-    fxadapt merge   MODEL_DIR ADAPTER_DIR OUT_DIR
-    fxadapt export  MODEL_DIR [ADAPTER_DIR] OUT.pt2|OUT.onnx
+    fxadapt merge   MODEL_DIR ADAPTER_DIR OUT_DIR [--force]
+    fxadapt export  MODEL_DIR [ADAPTER_DIR] OUT.pt2|OUT.onnx [--force]
     fxadapt graph   MODEL_DIR --config lora [--config ...] -o FILE.png|FILE.svg
 
 MODEL_DIR is a local transformers model directory (``config.json`` and weights); it is loaded with
 the class its config names (``architectures``), else ``AutoModel``. Only the public API is used.
-Errors are one line on stderr and exit status 1 (2 for a wrong command line).
+Every path is checked before the model is loaded; outputs are written whole or not at all (an
+earlier output at that path survives a failure); an existing output is replaced only with
+``--force``. Errors are one line on stderr and exit status 1 (2 for a wrong command line).
+torch and transformers are imported only by the commands that need them, so ``--version``,
+``--help`` and wrong command lines answer at once.
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ import sys
 from collections.abc import Sequence
 
 import fxadapt
+from fxadapt.fsutil import atomic_directory
 
-__all__ = ["main", "TOKENIZER_FILES"]
+__all__ = ["main", "TOKENIZER_FILES", "ADAPTER_FILES"]
 
 #: Files ``merge`` copies from MODEL_DIR to OUT_DIR when present, so OUT_DIR is a complete model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
                    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
                    "preprocessor_config.json", "chat_template.jinja")
+
+#: Config file -> weights files of each checkpoint format ``load_adapter`` reads (fxadapt.checkpoint's
+#: names, repeated here because that module imports torch).
+ADAPTER_FILES = {
+    "fxadapt_config.json": ("fxadapt_model.safetensors",),
+    "adapter_config.json": ("adapter_model.safetensors", "adapter_model.bin", "adapter.safetensors", "pytorch_adapter.bin"),
+}
 
 
 class CliError(Exception):
@@ -42,11 +54,42 @@ def _model_dir(path: str) -> str:
     return path
 
 
-def _load(path: str):
-    """The model in ``path``, with the class its config names (so a classification head is kept)."""
-    import transformers
+def _adapter_dir(path: str) -> str:
+    """``path`` if it holds an adapter config with a weights file that ``load_adapter`` reads."""
+    if not os.path.isdir(path):
+        raise CliError(f"adapter directory {path!r} does not exist" if not os.path.exists(path) else f"{path!r} is not a directory")
+    for config, weights in ADAPTER_FILES.items():
+        if os.path.isfile(os.path.join(path, config)) and any(os.path.isfile(os.path.join(path, w)) for w in weights):
+            return path
+    looked = "; ".join(f"{config} with {' or '.join(weights)}" for config, weights in ADAPTER_FILES.items())
+    raise CliError(f"adapter directory {path!r} holds no adapter (looked for {looked})")
 
-    _model_dir(path)
+
+def _output(path: str, *, directory: bool, force: bool = True) -> str:
+    """Refuse an output path that cannot be written or would replace something without ``--force``."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CliError(f"cannot write {path!r}: {ancestor!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {path!r}: no permission to write in {ancestor!r}")
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"output directory {path!r} is a file")
+    if not directory and os.path.isdir(path):
+        raise CliError(f"output file {path!r} is a directory")
+    if not force and os.path.isdir(path) and os.listdir(path):
+        raise CliError(f"output directory {path!r} is not empty (use --force to replace it and everything in it)")
+    if not force and not directory and os.path.exists(path):
+        raise CliError(f"output file {path!r} exists (use --force to replace it)")
+    return path
+
+
+def _load(path: str):
+    """The model in the checked directory ``path``, with the class its config names (so a
+    classification head is kept)."""
+    import transformers  # here, not at the top: --version and path errors need no torch
+
     transformers.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(path)
@@ -68,7 +111,7 @@ def _check_configs(ids: Sequence[str]) -> list[str]:
 def _adapted(model_dir: str, configs: Sequence[str], *, active: bool):
     """The captured model with these configs added as adapters named by their ids."""
     configs = _check_configs(configs)
-    gm = fxadapt.capture(_load(model_dir))
+    gm = fxadapt.capture(_load(_model_dir(model_dir)))
     for config_id in configs:
         gm.add_adapter(config_id, config_id, set_active=False)
     if active:
@@ -77,10 +120,8 @@ def _adapted(model_dir: str, configs: Sequence[str], *, active: bool):
 
 
 def _with_adapter(model_dir: str, adapter_dir: str | None):
-    """The captured model, with the adapter in ``adapter_dir`` loaded and active (if given)."""
-    _model_dir(model_dir)
-    if adapter_dir is not None and not os.path.isdir(adapter_dir):
-        raise CliError(f"adapter directory {adapter_dir!r} does not exist")
+    """The captured model, with the adapter in ``adapter_dir`` loaded and active (if given); the
+    paths were checked by the caller."""
     model = _load(model_dir)
     gm = fxadapt.capture(model)
     name = gm.load_adapter(adapter_dir, set_active=True) if adapter_dir else None
@@ -91,7 +132,7 @@ def _with_adapter(model_dir: str, adapter_dir: str | None):
 
 
 def cmd_sites(args) -> None:
-    model = _load(args.model_dir)
+    model = _load(_model_dir(args.model_dir))
     gm = fxadapt.capture(model)
     rows = [(str(s.layer), s.role or "-", s.path, f"{s.in_features}x{s.out_features}") for s in gm.sites()]
     header = ("layer", "role", "module", "shape (in x out)")
@@ -107,15 +148,15 @@ def cmd_summary(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    out = args.out_dir
-    if os.path.isdir(out) and os.listdir(out) and not args.force:
-        raise CliError(f"output directory {out!r} is not empty (use --force to write into it)")
-    _, gm, name = _with_adapter(args.model_dir, args.adapter_dir)
+    model_dir, adapter_dir = _model_dir(args.model_dir), _adapter_dir(args.adapter_dir)
+    out = _output(args.out_dir, directory=True, force=args.force)
+    _, gm, name = _with_adapter(model_dir, adapter_dir)
     model = gm.merge_and_unload(inplace=True)  # the model was loaded for this command alone
-    model.save_pretrained(out)
-    copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.model_dir, f))]
-    for f in copied:
-        shutil.copy2(os.path.join(args.model_dir, f), os.path.join(out, f))
+    copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, f))]
+    with atomic_directory(out, error=CliError) as tmp:  # a failure part-way leaves an earlier OUT_DIR whole
+        model.save_pretrained(tmp)
+        for f in copied:
+            shutil.copy2(os.path.join(model_dir, f), os.path.join(tmp, f))
     print(f"merged adapter {name!r} into {type(model).__name__}: wrote {out}" + (f" (with {', '.join(copied)})" if copied else ""))
     print(f"load it without fxadapt: transformers.AutoModel.from_pretrained({out!r})")
 
@@ -127,7 +168,9 @@ def cmd_export(args) -> None:
     adapter_dir, out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
     if not out.endswith((".pt2", ".onnx")):
         raise CliError(f"{out!r}: the output file must end in .pt2 or .onnx")
-    model, gm, name = _with_adapter(args.model_dir, adapter_dir)
+    model_dir, adapter_dir = _model_dir(args.model_dir), adapter_dir and _adapter_dir(adapter_dir)
+    _output(out, directory=False, force=args.force)
+    model, gm, name = _with_adapter(model_dir, adapter_dir)
     how = ""
     if name is not None:
         try:
@@ -135,13 +178,14 @@ def cmd_export(args) -> None:
             how = f" with adapter {name!r} merged into the weights"
         except fxadapt.MergeError:
             how = f" with adapter {name!r} as graph nodes (it cannot be merged)"
-    fxadapt.export(gm, out)
+    fxadapt.export(gm, out)  # writes beside OUT and renames: an earlier OUT survives a failure
     print(f"wrote {out}: {type(model).__name__}{how}")
 
 
 def cmd_graph(args) -> None:
     if not args.output.lower().endswith((".png", ".svg")):
         raise CliError(f"{args.output!r}: the picture must be a .png or .svg file")
+    _output(args.output, directory=False)
     gm = _adapted(args.model_dir, args.config, active=True)
     path = fxadapt.draw(gm, args.output)
     print(f"wrote {path}")
@@ -163,10 +207,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--config", action="append", required=True, metavar="ID", help=f"a config id, repeatable: {', '.join(fxadapt.CONFIGS)}")
     sub = command("merge", cmd_merge, "merge an adapter into the model and save a plain transformers model")
     sub.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an adapter saved by fxadapt, PEFT or AdapterHub")
-    sub.add_argument("out_dir", metavar="OUT_DIR")
-    sub.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+    sub.add_argument("out_dir", metavar="OUT_DIR", help="written whole or not at all: if the command fails, what was there is kept")
+    sub.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (everything in it is removed)")
     sub = command("export", cmd_export, "write the model (with an adapter, merged when it can be) as .pt2 or .onnx")
-    sub.add_argument("paths", nargs="+", metavar="[ADAPTER_DIR] OUT", help="an optional adapter directory, then OUT.pt2 or OUT.onnx")
+    sub.add_argument("paths", nargs="+", metavar="[ADAPTER_DIR] OUT", help="an optional adapter directory, then OUT.pt2 or OUT.onnx "
+                     "(written beside OUT and renamed: if the command fails, an earlier OUT is kept)")
+    sub.add_argument("--force", action="store_true", help="replace an existing OUT file")
     sub = command("graph", cmd_graph, "draw the adapted graph: sites by role and adapter nodes, one row per layer")
     sub.add_argument("--config", action="append", required=True, metavar="ID", help="a config id, repeatable")
     sub.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png or FILE.svg")

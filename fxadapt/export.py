@@ -8,8 +8,13 @@ dimension that the capture left dynamic (batch, sequence) stays dynamic.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,24 +97,31 @@ def export(gm: AdaptedModule, path: str | Path, example_inputs: Any = None, exam
 
     Inputs are the graph's inputs by name (for a transformers model: ``input_ids``,
     ``attention_mask``, ...; the written model needs all of them). Without example inputs, those the
-    capture used are taken. Returns the ExportedProgram that was written.
+    capture used are taken. Returns the ExportedProgram that was written. The file is written
+    beside ``path`` and renamed into place, so a failure part-way leaves an earlier file whole.
+    ``ExportError`` names the path when it cannot be written (a directory, a parent that is a file).
 
     >>> import fxadapt, torch, tempfile, os
     >>> gm = fxadapt.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)), fxadapt.LoRAConfig(targets=["0"], selfattn_lora=False),
     ...                      example_inputs=torch.randn(2, 4))
     >>> path = os.path.join(tempfile.mkdtemp(), "model.pt2")
     >>> program = fxadapt.export(gm, path)
-    >>> torch.export.load(path).module()(torch.randn(5, 4)).shape
+    >>> torch.export.load(path).module()(input=torch.randn(5, 4)).shape
     torch.Size([5, 4])
     """
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ExportError(f"{path}: fxadapt.export writes {' or '.join(SUFFIXES)} files, not {path.suffix or 'no suffix'!r}")
-    program = export_program(gm, example_inputs, example_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".pt2":
-        torch.export.save(program, str(path))
-        return program
+    with _replacing(path) as tmp:
+        program = export_program(gm, example_inputs, example_kwargs)
+        if path.suffix == ".pt2":
+            torch.export.save(program, str(tmp))
+        else:
+            _save_onnx(gm, program, tmp, path)
+    return program
+
+
+def _save_onnx(gm: AdaptedModule, program: torch.export.ExportedProgram, tmp: Path, path: Path) -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -119,8 +131,31 @@ def export(gm: AdaptedModule, path: str | Path, example_inputs: Any = None, exam
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, (), f=None, dynamo=True, output_names=_output_names(program), verbose=False)
-            onnx_program.save(str(path))
+            onnx_program.save(str(tmp))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"{path}: torch.onnx could not convert {gm._fx_model_name}: {type(e).__name__}: {first}") from e
-    return program
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a path of ``path``'s name in a fresh directory beside it; when the block ends without
+    an exception, move what was written there into ``path``'s directory (``path`` itself last, after
+    any external data file that names it), so that a failure part-way leaves an earlier file whole."""
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        yield tmp / path.name
+        for name in sorted(os.listdir(tmp), key=lambda name: name == path.name):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())  # on disk before it appears under the final name
+            os.replace(tmp / name, path.parent / name)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
