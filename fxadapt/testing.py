@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from .config import IA3Config, LoRAConfig
 
-__all__ = ["assert_equivalent", "assert_outputs_close", "snapshot", "assert_unchanged", "lora_configs", "ia3_configs", "adapter_configs", "adapter_names"]
+__all__ = ["assert_equivalent", "assert_outputs_close", "rounding_tolerance", "relative_error", "snapshot", "assert_unchanged", "lora_configs", "ia3_configs", "adapter_configs", "adapter_names"]
 
 
 def _leaves(output: Any) -> list[torch.Tensor]:
@@ -34,8 +34,41 @@ def _leaves(output: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
 
 
-def assert_outputs_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-5, mask: torch.Tensor | None = None) -> None:
+def rounding_tolerance(dtype: torch.dtype, reduction: int, depth: int = 1, safety: float = 8.0) -> float:
+    """A relative tolerance for two computations of one function in ``dtype`` that round differently
+    (a merged weight against the unmerged sum, another summation order, another BLAS or thread count).
+
+    Each sum of ``reduction`` rounded products is off by about ``eps * sqrt(reduction)`` of its scale
+    (errors of random sign add in quadrature); ``depth`` such sums chained (layers) add up; ``safety``
+    covers what the layers between amplify (normalisations, softmax). Compare with
+    ``atol = tolerance * max|expected|``, as :func:`assert_outputs_close` does.
+
+    >>> round(rounding_tolerance(torch.float32, 64, depth=2), 7)
+    1.53e-05
+    """
+    return safety * depth * torch.finfo(dtype).eps * reduction ** 0.5
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|actual - expected| / max|expected|``: a difference on the scale of the values compared.
+
+    >>> round(relative_error(torch.tensor([100.0, 1.0]), torch.tensor([100.0, 1.01])), 6)
+    0.0001
+    """
+    expected = expected.detach().double()
+    scale = expected.abs().max().item()
+    difference = (actual.detach().double() - expected).abs().max().item()
+    return difference / scale if scale else difference
+
+
+def assert_outputs_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float | None = None, mask: torch.Tensor | None = None) -> None:
     """Assert two model outputs (tensors, tuples, ModelOutputs) have the same type and close tensors.
+
+    Tolerances are relative to the values compared: each element may differ by ``rtol`` of itself plus
+    ``atol``, which defaults to ``rtol`` times the largest magnitude in that expected tensor (so elements
+    near zero are judged on the tensor's scale, on any CPU or BLAS). Tensors that are not floating
+    point compare exactly. Pass ``rtol`` for half precision or long reductions
+    (:func:`rounding_tolerance`).
 
     ``mask`` (batch, seq), e.g. an attention mask, zeroes padded positions of (batch, seq, ...)
     tensors before comparing, since implementations may differ there.
@@ -47,13 +80,18 @@ def assert_outputs_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol
         if mask is not None and x.ndim >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
             m = mask.reshape(*mask.shape, *([1] * (x.ndim - 2))).to(x.dtype)
             x, y = x * m, y * m
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda msg: f"output tensor {i}: {msg}")
+        if not y.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda msg: f"output tensor {i}: {msg}")
+            continue
+        tol = rtol * y.detach().abs().max().item() if atol is None and y.numel() else (atol or 0.0)
+        torch.testing.assert_close(x, y, rtol=rtol, atol=tol, msg=lambda msg: f"output tensor {i}: {msg}")
 
 
-def assert_equivalent(actual: torch.nn.Module, expected: torch.nn.Module, inputs: dict | tuple, *, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+def assert_equivalent(actual: torch.nn.Module, expected: torch.nn.Module, inputs: dict | tuple, *, rtol: float = 1e-5,
+                      atol: float | None = None) -> None:
     """Run both modules on the same inputs (a tuple of args or a dict of kwargs), without
     gradients, and assert their outputs match (padded positions ignored when the inputs have an
-    ``attention_mask``)."""
+    ``attention_mask``), relative to the expected values' magnitude as in :func:`assert_outputs_close`."""
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
     with torch.no_grad():
         a, e = actual(*args, **kwargs), expected(*args, **kwargs)

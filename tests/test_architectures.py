@@ -1,8 +1,11 @@
 """More architectures than the issues name: parallel residual layers (GPT-J, Falcon), shared layers
 (ALBERT), ALiBi with an interleaved fused projection (BLOOM), multi-query attention through a
-transposed weight (Falcon). Every family of methods places, runs and trains on each."""
+transposed weight (Falcon). Every family of methods places and trains on each; test_references.py
+checks what each computes against hand-written references."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import transformers as T
 import fxadapt
 from conftest import restored
 from fxadapt.config import ParBnConfig, PrefixTuningConfig, SeqBnConfig
-from fxadapt.testing import assert_outputs_close
+from fxadapt.testing import assert_outputs_close, rounding_tolerance
 
 H = 32
 MODELS = {
@@ -32,11 +35,6 @@ CONFIGS = {
 }
 
 
-def _model(name):
-    torch.manual_seed(0)
-    return MODELS[name]().eval()
-
-
 def _inputs(model):
     ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -44,10 +42,18 @@ def _inputs(model):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@functools.lru_cache(maxsize=None)
+def capture_of(name: str):
+    """(name, model, capture) of one of MODELS, captured once per session (test_references shares it).
+    Tests that add adapters delete them again."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    return name, model, fxadapt.capture(model)
+
+
+@pytest.fixture(params=list(MODELS))
 def captured(request):
-    model = _model(request.param)
-    return request.param, model, fxadapt.capture(model)
+    return capture_of(request.param)
 
 
 def test_every_layer_has_attention_and_ffn_roles(captured):
@@ -60,21 +66,19 @@ def test_every_layer_has_attention_and_ffn_roles(captured):
     assert [a.layer for a in gm._fx_attentions] == [0, 1]
 
 
+# What each method computes on these models is checked against hand-written references in
+# test_references.py; here: training reaches exactly the adapter's parameters.
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_methods_change_the_output_and_train(captured, method):
-    name, model, gm = captured
-    inputs = _inputs(model)
+def test_training_reaches_exactly_the_adapter(captured, method):
+    _, model, gm = captured
     gm.add_adapter("m", CONFIGS[method])
     with restored(gm, "m"):
         gm.train_adapter("m")
         gm.eval()
-        out = gm(**inputs)[0]
-        with torch.no_grad():
-            base = model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))[0]
-        assert not torch.allclose(out * inputs["attention_mask"][..., None], base * inputs["attention_mask"][..., None])
-        out.pow(2).mean().backward()
+        gm(**_inputs(model))[0].pow(2).mean().backward()
         params = gm._adapter_parameters("m")
         assert {id(p) for p in gm.parameters() if p.grad is not None} == {id(p) for p in params}
+        assert any(p.grad.abs().sum() > 0 for p in params)  # zero-initialised parts (LoRA B, MAM up) pass none back
 
 
 def test_zero_initialised_adapters_keep_the_base(captured):
@@ -84,31 +88,14 @@ def test_zero_initialised_adapters_keep_the_base(captured):
     with restored(gm, "z"):
         with torch.no_grad():
             expected = model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))
-            assert_outputs_close(gm(**inputs), expected, mask=inputs["attention_mask"])
+            # the same float32 sums in another order, reductions of up to 128 terms through two layers
+            assert_outputs_close(gm(**inputs), expected, rtol=rounding_tolerance(torch.float32, 128, depth=2), mask=inputs["attention_mask"])
 
 
 def test_shared_layers_get_an_adapter_each():
-    gm = fxadapt.rewrite(_model("albert"), SeqBnConfig(init_weights="bert"))
-    keys = sorted(k for k in gm.adapter_state_dict("pfeiffer") if k.endswith("adapter_up.weight"))
+    _, _, gm = capture_of("albert")
+    gm.add_adapter("pfeiffer", SeqBnConfig(init_weights="bert"))
+    with restored(gm, "pfeiffer"):
+        keys = sorted(k for k in gm.adapter_state_dict("pfeiffer") if k.endswith("adapter_up.weight"))
     assert keys == ["encoder.albert_layer_groups.0.albert_layers.0.ffn_output.layer0.adapter_up.weight",
                     "encoder.albert_layer_groups.0.albert_layers.0.ffn_output.layer1.adapter_up.weight"]
-
-
-def test_parallel_residual_layers_adapt_the_sublayer_output():
-    # GPT-J: x + attn(ln(x)) + mlp(ln(x)). A Houlsby adapter after the feed-forward projection turns
-    # its output f into f + A(f) (AdapterHub's rule for layers whose residual comes in later).
-    model = _model("gptj")
-    gm = fxadapt.rewrite(model, fxadapt.DoubleSeqBnConfig(mh_adapter=False, init_weights="bert"), name="h")
-    adapters = {p.block.layer: gm.get_submodule(p.module) for p in gm._fx_adapters["h"].placements}
-    handles = []
-    for i, layer in enumerate(model.h):
-        def hook(module, args, output, a=adapters[i]):
-            return output + (a.adapter_up(a.adapter_down(output)) * a.scaling)
-        handles.append(layer.mlp.register_forward_hook(hook))
-    inputs = _inputs(model)
-    try:
-        with torch.no_grad():
-            assert_outputs_close(gm(**inputs), model(**inputs, use_cache=False), mask=inputs["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()

@@ -1,48 +1,35 @@
-"""torch.compile: every method in fxadapt.CONFIGS compiles whole (fullgraph, no graph break) on BERT
-and Llama, in training and in eval, with the eager outputs; adapter changes on a compiled module
-take effect (AdaptedModule recompiles its code on every change, so dynamo sees a new frame)."""
+"""torch.compile: every method compiles whole (fullgraph, no graph break) on BERT and Llama, in training
+and in eval, with the eager outputs; adapter changes on a compiled module take effect (AdaptedModule
+recompiles its code on every change, so dynamo sees a new frame); inductor's training step matches eager.
+
+On BERT, the configs that between them insert every kind of node (conftest.COVERING: aliases and configs
+whose nodes another one holds are not compiled again), at sizes valid for hidden 32; on Llama, whose sites
+differ (gated FFN, grouped-query attention, RoPE) but whose inserted nodes are the same, five of them."""
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxadapt
-from conftest import ONE_LAYER, assert_inductor_step_matches_eager, inputs_for
+from conftest import COVERING, ONE_LAYER, assert_inductor_step_matches_eager, distinct_configs, inputs_for, perturb_
+from conftest import captured_one_layer as captured
+from fxadapt.testing import assert_outputs_close, rounding_tolerance
 
-ARCHS = list(ONE_LAYER)
-
-
-@functools.lru_cache(maxsize=None)
-def captured(arch: str):
-    """(model, capture) of a one-layer model; tests delete the adapters they add."""
-    torch.manual_seed(0)
-    model = ONE_LAYER[arch]().eval()
-    return model, fxadapt.capture(model)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # The forward pre-hook is compiled as its own small frame, shared by every AdaptedModule; start each
-    # test from empty caches so that tests do not use up dynamo's recompile limit for it together.
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+CONFIGS = distinct_configs()
+LLAMA = ["houlsby+inv", "compacter", "mam", "unipelt", "ia3"]  # bottleneck + invertible, PHM, prefix + parallel, gates + LoRA, (IA)^3
+CASES = [("bert", c) for c in COVERING] + [("llama", c) for c in LLAMA]
+RTOL = rounding_tolerance(torch.float32, 64)  # one layer: the same ops, perhaps another summation order
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _with_adapter(arch: str, config_id: str):
     """The cached capture of ``arch`` with adapter ``x`` (perturbed, so it acts) active; remove it after."""
     model, gm = captured(arch)
-    try:
-        gm.add_adapter("x", config_id, set_active=True)
-    except (fxadapt.SiteError, fxadapt.ConfigError) as e:  # the method does not fit the tiny model
-        pytest.skip(f"{config_id} on tiny {arch}: {e}")
-    with torch.no_grad():
-        for i, p in enumerate(gm.adapter_state_dict("x").values()):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    torch.manual_seed(0)  # the adapter's initial weights: the same whatever ran before
+    gm.add_adapter("x", CONFIGS[config_id], set_active=True)
+    perturb_(gm.adapter_state_dict("x").values())
     return model, gm
 
 
@@ -51,8 +38,7 @@ def _bound(gm, model, **kw) -> dict:
     return gm._fx_inputs.bind(type(model).__name__, (), inputs_for(model, **kw))
 
 
-@pytest.mark.parametrize("config_id", sorted(fxadapt.CONFIGS))
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, config_id", CASES)
 def test_compiles_whole_in_train_and_eval_with_eager_outputs(arch, config_id):
     model, gm = _with_adapter(arch, config_id)
     try:
@@ -66,7 +52,7 @@ def test_compiles_whole_in_train_and_eval_with_eager_outputs(arch, config_id):
                 expected = gm(**inputs)[0]
                 torch.manual_seed(0)
                 got = compiled(**inputs)[0]
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert_outputs_close(got, expected, rtol=RTOL)
         assert counter.frame_count == 2  # one graph per (mode, grad mode): nothing split, nothing else compiled
     finally:
         gm.delete_adapter("x")
@@ -74,16 +60,17 @@ def test_compiles_whole_in_train_and_eval_with_eager_outputs(arch, config_id):
 
 
 def test_partial_inputs_compile_with_the_call_binding():
-    """The forward pre-hook that fills omitted inputs (token_type_ids) compiles too, without a break."""
-    model, gm = _with_adapter("bert", "lora")
-    try:
-        inputs = inputs_for(model)
-        assert set(inputs) < set(gm._fx_inputs.names)
-        with torch.no_grad():
-            got = torch.compile(gm, fullgraph=True, backend="aot_eager")(**inputs)[0]
-            torch.testing.assert_close(got, gm(**inputs)[0], rtol=1e-5, atol=1e-5)
-    finally:
-        gm.delete_adapter("x")
+    """The forward pre-hook that fills omitted inputs (token_type_ids) compiles too, without a break,
+    on its first call (a fresh capture: nothing the hook caches has been computed eagerly yet)."""
+    torch.manual_seed(0)
+    model = ONE_LAYER["bert"]().eval()
+    gm = fxadapt.rewrite(model, CONFIGS["lora"])
+    perturb_(gm.adapter_state_dict("lora").values())
+    inputs = inputs_for(model)
+    assert set(inputs) < set(gm._fx_inputs.names)
+    with torch.no_grad():
+        got = torch.compile(gm, fullgraph=True, backend="aot_eager")(**inputs)[0]
+        assert_outputs_close(got, gm(**inputs)[0], rtol=RTOL)
 
 
 def test_adapter_changes_on_a_compiled_module_are_never_stale():
@@ -95,7 +82,7 @@ def test_adapter_changes_on_a_compiled_module_are_never_stale():
     def check() -> torch.Tensor:
         with torch.no_grad():
             expected, got = gm(**inputs)[0], compiled(**inputs)[0]
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert_outputs_close(got, expected, rtol=RTOL)
         return got
 
     outputs = [check()]
@@ -106,12 +93,12 @@ def test_adapter_changes_on_a_compiled_module_are_never_stale():
         gm.set_active_adapters(["a", "b"])
         outputs.append(check())
         gm.merge_adapter("a")
-        torch.testing.assert_close(check(), outputs[-1], rtol=1e-4, atol=1e-4)  # merged computes the same
+        assert_outputs_close(check(), outputs[-1], rtol=RTOL)  # merged computes the same, up to rounding
         gm.set_active_adapters(["a"])
-        torch.testing.assert_close(check(), outputs[1], rtol=1e-4, atol=1e-4)
+        assert_outputs_close(check(), outputs[1], rtol=RTOL)
         gm.reset_adapter()
         gm.set_active_adapters(None)
-        torch.testing.assert_close(check(), outputs[0], rtol=0, atol=0)
+        assert_outputs_close(check(), outputs[0], rtol=0, atol=0)
         # Each state computed something else, so a stale compiled graph would have been caught.
         assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
     finally:
@@ -132,15 +119,20 @@ def test_every_rebuild_gives_dynamo_a_new_code_object():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, config_id", [("bert", "lora"), ("llama", "ia3")])
-def test_inductor_training_step_matches_eager(arch, config_id):
-    """Inductor (the real compiler) on a training step: same outputs and adapter gradients as eager."""
-    model, gm = _with_adapter(arch, config_id)
+def test_inductor_training_step_matches_eager():
+    """Inductor (the real compiler, one compilation: ~20 s per graph here) on a training step of Llama
+    with LoRA and (IA)^3 active together: same outputs and adapter gradients as eager."""
+    model, gm = _with_adapter("llama", "lora")
+    gm.add_adapter("y", CONFIGS["ia3"], set_active=True)
+    perturb_(gm.adapter_state_dict("y").values(), seed=1)
     try:
-        gm.train_adapter("x")
-        assert_inductor_step_matches_eager(gm, _bound(gm, model), rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-5)
+        gm.set_active_adapters(["x", "y"])
+        gm.train_adapter(["x", "y"])
+        # inductor fuses and reorders sums; gradients go through one more reduction (over batch and sequence)
+        assert_inductor_step_matches_eager(gm, _bound(gm, model), rtol=RTOL, grad_rtol=rounding_tolerance(torch.float32, 64 * 33, depth=2))
     finally:
         gm.delete_adapter("x")
+        gm.delete_adapter("y")
         for p in gm.parameters():
             p.requires_grad_(True)
         gm.eval()

@@ -10,6 +10,7 @@ from torch import nn
 
 import fxadapt
 from conftest import build, inputs_for
+from fxadapt.testing import assert_outputs_close, rounding_tolerance
 from fxadapt.passes import OPTIMIZATIONS
 from fxadapt.passes.dropout import RATE_MODULE
 from fxadapt.passes.fuse import (
@@ -58,11 +59,12 @@ def test_fuse_lora_a_is_one_matmul_per_input_with_the_same_values_and_gradients(
     assert len(_lora_a_linears(gm)) == per_layer * 2 < unfused_linears  # 2 layers
     assert all(n.args[1].target is aten.cat.default for n in _lora_a_linears(gm))
     fused_out, fused_grads = _grads(gm, inputs)
-    torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-6)
+    # one matmul with the A's concatenated: the same sums, perhaps blocked otherwise by the BLAS
+    assert_outputs_close(fused_out, out, rtol=rounding_tolerance(torch.float32, 64, depth=2))
     assert fused_grads.keys() == grads.keys() and len(grads) == unfused_linears
     for name, g in grads.items():
         assert fused_grads[name] is not None and fused_grads[name].abs().sum() > 0, name
-        torch.testing.assert_close(fused_grads[name], g, rtol=1e-5, atol=1e-6)
+        assert_outputs_close(fused_grads[name], g, rtol=rounding_tolerance(torch.float32, 64 * 33, depth=2))
 
     set_options(gm, fuse_lora_a=False)
     assert len(_lora_a_linears(gm)) == unfused_linears
@@ -118,7 +120,7 @@ def test_models_without_dropout_rates_have_no_dropout_node():
     with torch.no_grad():
         kept = gm(**inputs)[0]
         set_options(gm, remove_dead_dropout=True)
-        torch.testing.assert_close(gm(**inputs)[0], kept, rtol=0, atol=0)
+        assert torch.equal(gm(**inputs)[0], kept)
 
 
 def test_specialize_eval_leaves_no_dropout_and_computes_eval_mode():
@@ -136,7 +138,7 @@ def test_specialize_eval_leaves_no_dropout_and_computes_eval_mode():
     with torch.no_grad():
         got = frozen(**inputs)[0]
         gm.eval()
-        torch.testing.assert_close(got, gm(**inputs)[0], rtol=0, atol=0)
+        assert torch.equal(got, gm(**inputs)[0])
     specialize_eval(frozen.graph)  # nothing left to do
     assert len(frozen.graph.nodes) == len(eval_graph_module(gm).graph.nodes)
 
@@ -218,4 +220,4 @@ def test_generated_code_reads_weights_that_were_replaced_after_the_rewrite():
         query.weight = nn.Parameter(torch.zeros_like(query.weight))
         assigned = gm(**inputs)[0]
     assert not torch.allclose(before, assigned)
-    torch.testing.assert_close(swapped, assigned, rtol=0, atol=0)
+    assert torch.equal(swapped, assigned)

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 import fxadapt
-from conftest import ARCHS, build, captured, inputs_for, reference, restored
+from conftest import ARCHS, build, captured, inputs_for, restored
 from fxadapt.config import ConfigUnion, IA3Config, LoRAConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
-from fxadapt.testing import assert_outputs_close
+from fxadapt.testing import assert_outputs_close, relative_error, rounding_tolerance
+
+# The same float32 sums in another order, over reductions of up to 64 terms through two layers.
+RTOL = rounding_tolerance(torch.float32, 64, depth=2)
 
 SMALL = {
     "prefix": PrefixTuningConfig(prefix_length=5, bottleneck_size=16),
@@ -19,24 +22,21 @@ SMALL = {
 }
 
 
+# What prefix tuning computes is checked against AdapterHub's fixtures (BERT, RoBERTa, GPT-2, Llama,
+# ViT, DeBERTa-v2) and hand-written references (test_references.py); here: training reaches exactly
+# the adapter's parameters on every architecture.
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", list(SMALL))
-def test_trains_on_every_architecture(arch, method):
+def test_training_reaches_exactly_the_adapter(arch, method):
     model, gm = captured(arch)
     gm.add_adapter("pt", SMALL[method])
     with restored(gm, "pt"):
         gm.train_adapter("pt")
-        inputs = inputs_for(model)
         torch.manual_seed(0)
-        out = gm(**inputs)[0]
-        out.float().pow(2).mean().backward()
-        adapter = {id(p) for p in gm._adapter_parameters("pt")}
-        assert {id(p) for p in gm.parameters() if p.grad is not None} == adapter
-        assert gm._adapter_parameters("pt")[0].grad.abs().sum() > 0 or method != "prefix"
-        gm.eval()
-        with torch.no_grad():
-            assert torch.equal(gm(**inputs)[0], gm(**inputs)[0])
-            assert not torch.allclose(gm(**inputs)[0], reference(model, inputs)[0])  # the prefix changes the output
+        gm(**inputs_for(model))[0].float().pow(2).mean().backward()
+        params = gm._adapter_parameters("pt")
+        assert {id(p) for p in gm.parameters() if p.grad is not None} == {id(p) for p in params}
+        assert any(p.grad.abs().sum() > 0 for p in params)  # zero-initialised parts (LoRA B, MAM up) pass none back
 
 
 class OneLayer(torch.nn.Module):
@@ -70,10 +70,13 @@ def test_prefix_matches_hand_written_attention(causal):
     x = torch.randn(2, 5, 16)
     gm = fxadapt.rewrite(model, PrefixTuningConfig(prefix_length=3, flat=True), example_inputs=(x,))
     gm.graph.lint()
-    prefixes = gm.get_submodule("prefix_tunings.prefix_tuning")()  # (layers * 2, heads, P, head_dim)
-    assert prefixes.shape == (2, 4, 3, 4)
-    torch.testing.assert_close(gm(x), model(x, prefixes.detach()))
-    assert not torch.allclose(gm(x), model(x))
+    # AdapterHub's flat layout: (P, layers * 2, heads, head_dim), keys in slot 0 and values in slot 1.
+    (flat,) = gm.adapter_state_dict("prefix_tuning").values()
+    prefixes = flat.detach().view(3, 2, 4, 4).permute(1, 2, 0, 3)
+    with torch.no_grad():
+        expected, base = model(x, prefixes), model(x)
+        assert_outputs_close(gm(x), expected, rtol=RTOL)
+        assert relative_error(base, expected) > 100 * RTOL
 
 
 def test_prefix_longer_than_the_position_limit():
@@ -94,7 +97,9 @@ def test_causal_sdpa_without_a_mask_gets_the_same_prefix_attention():
         gm.add_adapter("p", PrefixTuningConfig(prefix_length=3, flat=True, init_weights_seed=0), set_active=True)
     with torch.no_grad():
         without.get_submodule("prefix_tunings.p").control_trans.copy_(with_mask.get_submodule("prefix_tunings.p").control_trans)
-        torch.testing.assert_close(without(input_ids=ids).logits, with_mask(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+        expected = with_mask(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert_outputs_close(without(input_ids=ids).logits, expected, rtol=RTOL)
+        assert relative_error(model(input_ids=ids, use_cache=False).logits, expected) > 100 * RTOL  # the prefix matters
 
 
 def test_eject_folds_the_mlp_into_flat_prefixes():
@@ -106,7 +111,7 @@ def test_eject_folds_the_mlp_into_flat_prefixes():
             before = gm(**inputs)[0]
             gm.eject_prefix_tuning("pt")
             after = gm(**inputs)[0]
-        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+        assert_outputs_close(after, before, rtol=RTOL)
         params = gm._adapter_parameters("pt")
         assert len(params) == 1 and params[0].numel() == 6 * 2 * 2 * 4 * 8  # P x layers x (k, v) x heads x head_dim
         with pytest.raises(fxadapt.AdapterError, match="no prefix tuning"):
@@ -169,7 +174,7 @@ def test_compiles_whole_with_prefix_and_gates():
         torch._dynamo.reset()
         compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
-            assert_outputs_close(compiled(**inputs), gm(**inputs), rtol=1e-5, atol=1e-6)
+            assert_outputs_close(compiled(**inputs), gm(**inputs), rtol=RTOL)
 
 
 def test_union_of_lora_and_bottleneck_on_the_same_projection():

@@ -1,12 +1,20 @@
-"""adapter_summary on the seed's roberta-base shape: the seed's numbers, in the seed's format."""
+"""adapter_summary on the seed's roberta-base shape: the seed's numbers, in the seed's format; and every
+adapter's parameter names and shapes there against AdapterHub's (tests/fixtures/adapterhub)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import save_file
 
 import fxadapt
+
+HUB = Path(__file__).parent / "fixtures" / "adapterhub"
+SHAPES = json.loads((HUB / "roberta_base_param_shapes.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +65,13 @@ def test_seed_table_rows(roberta_base):
             gm.delete_adapter(name)
 
 
-def test_aliases_give_the_same_counts(roberta_base):
-    gm = roberta_base
+def test_aliases_are_the_same_configs():
+    """AdapterHub 1.3.0's newer names are the seed's configs (so their rows are the seed's counts)."""
     pairs = [("seq_bn", "pfeiffer"), ("double_seq_bn", "houlsby"), ("par_bn", "parallel"), ("scaled_par_bn", "scaled_parallel"),
              ("seq_bn_inv", "pfeiffer+inv"), ("double_seq_bn_inv", "houlsby+inv")]
-    for alias, _ in pairs:
-        gm.add_adapter(alias, alias)
-    try:
-        counts = {r["name"]: r["params"] for r in gm.adapter_summary(as_dict=True)}
-        for alias, seed in pairs:
-            assert counts[alias] == int(SEED_ROWS[seed].split()[2].replace(",", ""))
-    finally:
-        for alias, _ in pairs:
-            gm.delete_adapter(alias)
+    for alias, seed in pairs:
+        assert fxadapt.CONFIGS[alias] == fxadapt.CONFIGS[seed], alias
+    assert fxadapt.CONFIGS["parallel"] != fxadapt.CONFIGS["scaled_parallel"]  # the comparison can tell configs apart
 
 
 def test_active_and_train_columns(roberta_base):
@@ -85,3 +87,37 @@ def test_active_and_train_columns(roberta_base):
         for p in gm.parameters():
             p.requires_grad_(True)
         gm.eval()
+
+
+def _adapterhub_state_dict(config_id: str) -> dict[str, torch.Tensor]:
+    """What AdapterHub saves for this adapter on roberta-base, from the parameter names and shapes it
+    created there (zeros: only names and shapes matter). Its named_parameters list the shared prefix
+    pool once, under the first attention's ``prefix_tuning.pool``; its state_dict (what it saves, see
+    fixtures/adapterhub/roberta/prefix_tuning) holds the pool as ``prefix_tuning.prefix_tunings...``
+    too, which is the name its checkpoints are read by."""
+    out = {}
+    for key, shape in SHAPES["adapters"][config_id]["params"]:
+        if ".prefix_tuning.pool." in key:
+            key = "prefix_tuning." + key.split(".prefix_tuning.pool.", 1)[1]
+        out[key] = torch.zeros(shape)
+    return out
+
+
+@pytest.mark.parametrize("config_id", sorted(SHAPES["adapters"]))
+def test_parameter_names_and_shapes_are_adapterhubs(roberta_base, config_id, tmp_path):
+    """AdapterHub's parameters of each adapter on roberta-base, written as AdapterHub writes them, load
+    into fxadapt's adapter of the same config: load_adapter requires every tensor fxadapt creates to be
+    in the file under AdapterHub's name (converted), with its shape, and no other; the counts agree."""
+    gm = roberta_base
+    entry = SHAPES["adapters"][config_id]
+    meta = json.loads((HUB / "roberta" / config_id.replace("+", "_plus_") / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**meta, "hidden_size": 768}))
+    save_file(_adapterhub_state_dict(config_id), tmp_path / "adapter.safetensors")
+    name = gm.load_adapter(tmp_path)
+    try:
+        assert name == config_id
+        assert sum(p.numel() for p in gm.adapter_state_dict(name).values()) == entry["count_named_parameters"]
+        row = next(r for r in gm.adapter_summary(as_dict=True) if r["name"] == name)
+        assert (row["architecture"], row["params"]) == (entry["adapter_summary"]["architecture"], entry["adapter_summary"]["#param"])
+    finally:
+        gm.delete_adapter(name)

@@ -12,6 +12,7 @@ import transformers as T
 
 import fxadapt
 from conftest import _ENCODER
+from fxadapt.testing import assert_outputs_close, rounding_tolerance
 from test_examples import EXAMPLES, load
 
 
@@ -47,9 +48,9 @@ def test_captured_with_labels_the_loss_is_the_models(classifier):
     with torch.no_grad():
         out, want = gm(**batch), model(**batch)
     assert type(out) is type(want)
-    torch.testing.assert_close(out.loss, want.loss)
-    torch.testing.assert_close(out.logits, want.logits)
-    with pytest.raises(fxadapt.InputError, match="labels"):
+    assert_outputs_close(out.loss, want.loss)
+    assert_outputs_close(out.logits, want.logits)
+    with pytest.raises(fxadapt.InputError, match=r"BertForSequenceClassification needs input 'labels' \(captured inputs: .*labels\)"):
         gm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
@@ -75,7 +76,7 @@ def test_trainer_trains_the_adapter_and_head_only(classifier, tmp_path):
     gm.eval()
     batch = collate(data[:8])
     with torch.no_grad():
-        torch.testing.assert_close(plain.eval()(**batch).logits, gm(**batch).logits, rtol=1e-4, atol=1e-5)
+        assert_outputs_close(plain.eval()(**batch).logits, gm(**batch).logits, rtol=rounding_tolerance(torch.float32, 64, depth=2))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,8 @@ def test_ddp_gradients_equal_a_single_process(small_model_dir, tmp_path):
     assert any(k.endswith("lora_A") for k in single) and "head.weight" in single
     for name, grad in single.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # two half-batch gradients averaged against one of the whole batch: the same sum in another order
+        assert_outputs_close(distributed[name], grad, rtol=rounding_tolerance(torch.float32, 8 * 64 * 64, depth=2))
     # and the gradients of half the batch are not the same: the test can tell
     half = ddp.gradients(classifier, classifier, tokenizer, rank=0, world=2)
     assert not torch.allclose(half["head.weight"], single["head.weight"])
