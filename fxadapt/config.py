@@ -176,6 +176,7 @@ class AdapterConfig:
     ``checks`` maps every field to the check of its values (a field without one is a bug)."""
 
     architecture: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # the key of its method in fxadapt.methods.METHODS
     checks: ClassVar[dict[str, Check]] = {}
 
     def __post_init__(self) -> None:
@@ -336,8 +337,8 @@ class LoRAConfig(AdapterConfig):
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @property
-    def method(self) -> str:
-        """The insert pass this config uses: ``"lora"`` or ``"ia3"``."""
+    def method(self) -> str:  # type: ignore[override]
+        """The method this config uses: ``"lora"`` or ``"ia3"``."""
         return "ia3" if self.composition_mode == "scale" else "lora"
 
     def check_combination(self) -> None:
@@ -423,6 +424,7 @@ class BnConfig(AdapterConfig):
     """
 
     architecture: ClassVar[str] = "bottleneck"
+    method: ClassVar[str] = "bottleneck"
     checks: ClassVar[dict[str, Check]] = {
         "mh_adapter": _bool, "output_adapter": _bool, "reduction_factor": _reduction_factor, "non_linearity": _non_linearity,
         "original_ln_before": _bool, "original_ln_after": _bool, "ln_before": _bool, "ln_after": _bool,
@@ -563,6 +565,7 @@ class PrefixTuningConfig(AdapterConfig):
     """
 
     architecture: ClassVar[str] = "prefix_tuning"
+    method: ClassVar[str] = "prefix"
     checks: ClassVar[dict[str, Check]] = {
         "encoder_prefix": _bool, "cross_prefix": _bool, "leave_out": _layers, "flat": _bool, "prefix_length": _size,
         "bottleneck_size": _size, "non_linearity": _non_linearity, "dropout": _probability, "use_gating": _bool,

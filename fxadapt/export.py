@@ -23,7 +23,8 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .errors import ExportError
-from .module import AdaptedModule, _copy_graph
+from .module import AdaptedModule
+from .ops import copy_graph
 from .passes.fuse import specialize_eval
 
 __all__ = ["export", "export_program", "eval_graph_module"]
@@ -34,7 +35,7 @@ SUFFIXES = (".pt2", ".onnx")
 def eval_graph_module(gm: AdaptedModule) -> GraphModule:
     """A plain GraphModule of ``gm``'s current graph with eval-mode dropout (none at all). It takes
     the graph's inputs (all of them, by name), shares ``gm``'s weights and returns the same output."""
-    graph = _copy_graph(gm.graph)
+    graph = copy_graph(gm.graph)
     specialize_eval(graph)
     graph.lint()
     out = GraphModule(gm, graph, f"{gm._fx_model_name}Eval")

@@ -29,17 +29,21 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.fx import GraphModule
 
-from .capture import InputSpec
+from .inputs import InputSpec
 from .checkpoint import CheckpointMixin
 from .config import AdapterConfig, BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
 from .errors import AdapterError, ConfigError, InputError, MergeError
-from .passes import METHODS, OPTIMIZATIONS, insert_adapters
-from .passes.bottleneck import frozen_parameters
+from .methods import METHODS
+from .methods.base import frozen_parameters
+from .methods.gating import GateRecorder, connect
+from .naming import state_key
+from .ops import copy_graph
 from .passes.dropout import RATE_MODULE, DropoutRate
 from .passes.fuse import hoist_attribute_paths
-from .plan import Placement, annotate, gate_location, plan
-from .passes.gating import GateRecorder, connect
-from .sites import Attention, Block, Linear, Site, analyse, find_blocks
+from .passes.insert import OPTIMIZATIONS, insert_adapters
+from .placement import Placement
+from .plan import annotate, plan
+from .sites import Anatomy, Site, anatomy
 from .summary import SummaryRow, format_summary
 
 __all__ = ["AdaptedModule"]
@@ -101,12 +105,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_model_name = type(model).__name__
         gm.__dict__["_fx_source"] = model  # for merge_and_unload; not registered: it would list the weights twice
         gm._fx_inputs = inputs
-        gm._fx_base = _copy_graph(root.graph)
-        sites, linears, attentions = analyse(root)
-        gm._fx_sites: list[Site] = sites
-        gm._fx_linears: dict[str, Linear] = linears
-        gm._fx_blocks: list[Block] = find_blocks(root, sites, attentions)
-        gm._fx_attentions: list[Attention] = attentions
+        gm._fx_base = copy_graph(root.graph)
+        gm._fx_anatomy: Anatomy = anatomy(root, gm._fx_model_name)
         gm._fx_gates = GateRecorder()
         gm._fx_adapters: dict[str, _Adapter] = {}
         gm._fx_active: list[str] = []
@@ -121,7 +121,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         return gm
 
     def _rebuild(self) -> None:
-        graph = _copy_graph(self._fx_base)
+        graph = copy_graph(self._fx_base)
         placements = [p for name in self._fx_active if name not in self._fx_merged for p in self._fx_adapters[name].placements]
         annotate(graph, placements)
         insert_adapters(self, graph)
@@ -132,6 +132,12 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             retarget_devices(graph, self._fx_capture_device, device)
         graph.lint()
         self.graph = graph  # the setter recompiles
+
+    # What site analysis found, as the placement rules read it.
+    _fx_sites = property(lambda self: self._fx_anatomy.sites)
+    _fx_linears = property(lambda self: self._fx_anatomy.linears)
+    _fx_blocks = property(lambda self: self._fx_anatomy.blocks)
+    _fx_attentions = property(lambda self: self._fx_anatomy.attentions)
 
     # -- adapters --------------------------------------------------------------------------
 
@@ -180,7 +186,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         if not isinstance(autocast_adapter_dtype, bool):
             raise ConfigError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}",
                               field="autocast_adapter_dtype", value=autocast_adapter_dtype)
-        placements = plan(name, config, self._fx_sites, self._fx_linears, self._fx_model_name, self._fx_blocks, self._fx_attentions)
+        placements = plan(name, config, self._fx_anatomy)
         adapter = _Adapter(name, config, placements, sorted({path for p in placements for path in p.shared}))
         if set_active:
             self._check_composable(self._fx_active + [name], {name: adapter})
@@ -197,7 +203,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                     raise _size_error(self._fx_model_name, name, sizes, f"allocating them failed ({type(e).__name__}: {str(e).strip()[:200]})") from e
             for p in placements:
                 if p.module is not None:
-                    connect(built[p.module], self._fx_gates, name, p.where.layer, gate_location(p))
+                    connect(built[p.module], self._fx_gates, name, p.where.layer, METHODS[p.method].gate_location(p))
             for path, weights in built.items():
                 _set_module(self, path, weights.train(self.training))  # a new module is in training mode; follow ours
             self._fx_adapters[name] = adapter
@@ -299,9 +305,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         ``shared_parameters.phm_rule``."""
         out = {}
         for path in self._adapter(name).modules:
-            key = _without_name(path, name)
             for pname, tensor in self.get_submodule(path).named_parameters():
-                out[f"{key}.{pname}" if key else pname] = tensor
+                out[state_key(path, name, pname)] = tensor
         return out
 
     # -- merge -----------------------------------------------------------------------------
@@ -609,16 +614,6 @@ def _attach_gating_scores(module: AdaptedModule, args: tuple, output):
     return output
 
 
-def _without_name(path: str, name: str) -> str:
-    """A module path with the adapter's name (and an ``adapters`` container before it) left out."""
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        if parts[i] == name and parts[i - 1] in ("adapters", "loras", "invertible_adapters", "shared_parameters", "prefix_gates", "prefix_tunings"):
-            drop = {i - 1, i} if parts[i - 1] in ("adapters", "loras") else {i}
-            return ".".join(p for j, p in enumerate(parts) if j not in drop)
-    return path
-
-
 def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
     """Forward pre-hook: bind a call with the model's signature to the graph's inputs (InputError for
     inputs the graph cannot take); turn on the gate recorder for ``output_adapter_gating_scores=True``."""
@@ -725,15 +720,6 @@ def retarget_devices(graph: torch.fx.Graph, old: torch.device, new: torch.device
     for node in graph.nodes:
         node.args = torch.fx.node.map_aggregate(node.args, retarget)
         node.kwargs = torch.fx.node.map_aggregate(node.kwargs, retarget)
-
-
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    """A copy of ``graph`` with the same node names; the code generator (pytree specs) is shared."""
-    new = torch.fx.Graph(tracer_cls=graph._tracer_cls)
-    value, old_output = new.graph_copy(graph, {}, return_output_node=True)
-    new.output(value, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
-    new._codegen = graph._codegen
-    return new
 
 
 # -- attribute plumbing -----------------------------------------------------------------------

@@ -59,3 +59,13 @@ def example_shape(node: Node) -> tuple[int, ...] | None:
     if isinstance(val, torch.Tensor):
         return tuple(concrete(s) for s in val.shape)
     return None
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` with the same node names (placements refer to nodes by name); the code
+    generator (pytree specs) is shared."""
+    new = torch.fx.Graph(tracer_cls=graph._tracer_cls)
+    value, old_output = new.graph_copy(graph, {}, return_output_node=True)
+    new.output(value, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
+    new._codegen = graph._codegen
+    return new

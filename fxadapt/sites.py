@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 from .ops import ACTIVATIONS, CASTS, MATMUL, METADATA, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
 
-__all__ = ["Site", "Linear", "Block", "Attention", "analyse", "find_sites", "find_blocks", "find_attentions", "ROLES", "LINEAR_OPS"]
+__all__ = ["Site", "Linear", "Block", "Attention", "Anatomy", "anatomy", "analyse", "find_sites", "find_blocks", "find_attentions", "ROLES", "LINEAR_OPS"]
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 _ROLE_ORDER = {r: i for i, r in enumerate(("q", "k", "v", "o", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_in", "ffn_out"))}
@@ -140,6 +140,24 @@ class Attention:
     weight: str  # the query projection's weight
     scores: str | None = None
     softmax: str | None = None
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Everything site analysis finds in a captured graph, which placement rules read: the role
+    sites, every linear by weight path, the residual blocks and the attentions."""
+
+    model_name: str
+    sites: list[Site]
+    linears: dict[str, Linear]
+    blocks: list[Block]
+    attentions: list[Attention]
+
+
+def anatomy(gm: GraphModule, model_name: str = "model") -> Anatomy:
+    """Analyse a captured graph: its sites, linears, attentions and residual blocks."""
+    sites, linears, attentions = analyse(gm)
+    return Anatomy(model_name, sites, linears, find_blocks(gm, sites, attentions), attentions)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import fxadapt
 import fxadapt.module
 from conftest import build, captured, perturb_, restored
-from fxadapt.passes import METHODS
+from fxadapt.methods import METHODS
 from fxadapt.testing import assert_unchanged, snapshot
 
 GiB = 2**30

@@ -10,7 +10,7 @@ from torch import nn
 import fxadapt
 from conftest import captured, inputs_for, reference, restored
 from fxadapt.config import CompacterConfig, CompacterPlusPlusConfig, ParBnConfig
-from fxadapt.passes.bottleneck import kronecker
+from fxadapt.methods.bottleneck import kronecker
 from fxadapt.testing import assert_outputs_close, relative_error
 from test_references import RTOL, adapter_weights, body_by_hand, randomise_
 

@@ -25,7 +25,7 @@ import fxadapt.checkpoint
 import fxadapt.fsutil
 from conftest import captured, inputs_for
 from fxadapt.errors import AdapterError, CheckpointError
-from fxadapt.passes import METHODS
+from fxadapt.methods import METHODS
 from fxadapt.testing import assert_unchanged, snapshot
 from test_checkpoint import adapterhub_lora_tensors, cleanup, randomize, run, write_adapterhub_lora
 
@@ -373,7 +373,7 @@ def test_memory_errors_in_a_load_change_nothing(tmp_path, monkeypatch, where):
     saved(gm, d, "fxadapt", seed=1)
     before = snapshot(gm)
     if where == "reading":
-        monkeypatch.setattr(fxadapt.checkpoint, "read_tensors", _raise(MemoryError()))
+        monkeypatch.setattr(fxadapt.formats.native, "read_tensors", _raise(MemoryError()))  # the format saved above
         expected = MemoryError
     else:  # the third LoRA weights module cannot be allocated: add_adapter undoes the first two
         built = []

@@ -11,7 +11,7 @@ from torch import nn
 import fxadapt
 from conftest import build, inputs_for
 from fxadapt.testing import assert_outputs_close, rounding_tolerance
-from fxadapt.passes import OPTIMIZATIONS
+from fxadapt.passes.insert import OPTIMIZATIONS
 from fxadapt.passes.dropout import RATE_MODULE
 from fxadapt.passes.fuse import (
     FuseOptions, adapter_nodes, check_merged, get_options, hoist_attribute_paths, optimize, remove_dead_dropout,

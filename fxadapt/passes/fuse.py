@@ -14,7 +14,7 @@
   weight, bias and LoRA matrices). Attribute lookups were a large part of what an eager call costs
   beyond its kernels, and on a GPU that per-call cost is most of a call.
 
-:func:`optimize` runs the enabled passes; it is registered in ``fxadapt.passes.OPTIMIZATIONS``, so
+:func:`optimize` runs the enabled passes; it is listed in ``fxadapt.passes.insert.OPTIMIZATIONS``, so
 every rebuild of an :class:`~fxadapt.AdaptedModule` applies it after the adapters are inserted.
 """
 
@@ -27,8 +27,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..errors import ConfigError, MergeError
-from ..ops import DROPOUT, op_name
-from . import OPTIMIZATIONS
+from ..ops import DROPOUT, copy_graph, op_name
 from .dropout import RATE_MODULE
 
 aten = torch.ops.aten
@@ -205,11 +204,8 @@ def _signature(graph: Graph) -> list[tuple]:
 
 def _base_graph(gm: GraphModule) -> Graph:
     """``gm``'s base graph as its rebuild would make it with no adapter: optimised the same way."""
-    from ..module import _copy_graph
-
-    graph = _copy_graph(gm._fx_base)
-    for opt in OPTIMIZATIONS:
-        opt(gm, graph)
+    graph = copy_graph(gm._fx_base)
+    optimize(gm, graph)
     return graph
 
 
@@ -251,4 +247,3 @@ def check_merged(gm: GraphModule, base: GraphModule | None = None) -> None:
             )
 
 
-OPTIMIZATIONS.append(optimize)

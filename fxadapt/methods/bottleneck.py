@@ -14,29 +14,27 @@ add and norm (the norm is re-applied by copying its nodes); the adapter body is 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers.activations import get_activation
 
-from ..config import BnConfig
-from ..plan import Placement
-from ..sites import Block
-from . import METHODS, Emitter, Method, seeded
+import warnings
+
+from ..config import MAX_SIZE, BnConfig
+from ..formats.common import AdapterHubCheckpoint, Converted, known_fields, layer_and_location, put
+from ..errors import ConfigError, SiteError
+from ..naming import ADAPTERS, INVERTIBLE, SHARED, state_key, weights_path
+from ..placement import Placement, one_per_layer
+from ..sites import Anatomy, Block
+from .base import Activation, Emitter, Method, seeded
 from .gating import Gate
+from .invertible import check_sizes as _check_invertible_sizes
+
+if TYPE_CHECKING:
+    from ..module import AdaptedModule
 
 aten = torch.ops.aten
-
-
-class Activation(nn.Module):
-    """AdapterHub's activation lookup: transformers' ``get_activation``, plus "leakyrelu"."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        name = name.lower()
-        self.f = nn.functional.leaky_relu if name == "leakyrelu" else get_activation(name)
-
-    def forward(self, x):
-        return self.f(x)
 
 
 def kronecker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,12 +77,6 @@ def _parameter(shape, init, learn: bool = True) -> nn.Parameter:
     return nn.Parameter(init(torch.empty(shape)), requires_grad=learn)
 
 
-def frozen_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters an adapter keeps fixed while it trains: PHM rules with ``learn_phm=False``."""
-    return [p for m in module.modules() if isinstance(m, (PHMShared, PHMLinear)) and not m.learn_phm
-            for name, p in m.named_parameters(recurse=False) if name.startswith("phm_rule")]
-
-
 class PHMShared(nn.Module):
     """What an adapter's PHM layers share across layers (AdapterHub's ``shared_parameters``): the
     rule (``shared_phm_rule``) and the down / up weights (``shared_W_phm``)."""
@@ -99,6 +91,10 @@ class PHMShared(nn.Module):
             for position, (i, o) in (("down", (hidden, down)), ("up", (down, hidden))):
                 for name, shape in _phm_weights(config, i, o).items():
                     self.register_parameter(name.replace("W", f"W_{position}"), _parameter(shape, lambda t: _init_w(t, config)))
+
+    def frozen(self) -> list[nn.Parameter]:
+        """The rule, when ``learn_phm=False``."""
+        return [] if self.learn_phm else [p for n, p in self.named_parameters(recurse=False) if n.startswith("phm_rule")]
 
     @staticmethod
     def names(config: BnConfig) -> list[str]:
@@ -127,6 +123,10 @@ class PHMLinear(nn.Module):
             for name, shape in _rule_shapes(config).items():
                 self.register_parameter(name, _parameter(shape, lambda t: _init_rule(t, config, False), config.learn_phm))
         self.b = nn.Parameter(torch.zeros(out_features)) if config.phm_bias else None
+
+    def frozen(self) -> list[nn.Parameter]:
+        """The rule, when ``learn_phm=False``."""
+        return [] if self.learn_phm else [p for n, p in self.named_parameters(recurse=False) if n.startswith("phm_rule")]
 
     def forward(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         get = lambda name: shared.get(name) if name in shared else getattr(self, name)  # noqa: E731
@@ -201,36 +201,6 @@ class Bottleneck(nn.Module):
         return out + residual if self.residual_after_ln else out
 
 
-class NICE(nn.Module):
-    """Invertible NICE coupling block on the embedding output (AdapterHub's ``NICECouplingBlock``):
-    ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``."""
-
-    def __init__(self, hidden: int, config: BnConfig, like: torch.Tensor):
-        super().__init__()
-        self.split = hidden // 2
-        factor = config.inv_adapter_reduction_factor
-
-        def subnet(n_in: int, n_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Linear(n_in, int(n_in // factor)), Activation(config.non_linearity), nn.Linear(int(n_in // factor), n_out))
-
-        with seeded(config.init_weights_seed, "invertible"), torch.no_grad():
-            self.F = subnet(hidden - self.split, self.split)
-            self.G = subnet(self.split, hidden - self.split)
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    m.weight.normal_(0.0, 0.02)
-                    m.bias.zero_()
-        self.to(device=like.device, dtype=like.dtype)
-
-    def forward(self, x: torch.Tensor, rev: bool = False) -> torch.Tensor:
-        x1, x2 = x[..., : self.split], x[..., self.split :]
-        if rev:
-            y2 = x2 - self.G(x1)
-            return torch.cat((x1 - self.F(y2), y2), -1)
-        y1 = x1 + self.F(x2)
-        return torch.cat((y1, x2 + self.G(y1)), -1)
-
-
 # -- rewrite rules ----------------------------------------------------------------------------
 
 
@@ -268,16 +238,8 @@ def insert_bottleneck(e: Emitter, p: Placement, w: Bottleneck) -> None:
     e.y = out
 
 
-def insert_invertible(e: Emitter, p: Placement, w: NICE) -> None:
-    e.y = e.module(p.module, e.node)
-
-
 def _build_bottleneck(block: Block, config: BnConfig, like: torch.Tensor) -> Bottleneck:
     return Bottleneck(block, config, like)
-
-
-def _build_invertible(block: Block, config: BnConfig, like: torch.Tensor) -> NICE:
-    return NICE(block.hidden_size, config, like)
 
 
 def _build_shared(config: BnConfig, placements: list[Placement], like: torch.Tensor) -> PHMShared:
@@ -287,5 +249,90 @@ def _build_shared(config: BnConfig, placements: list[Placement], like: torch.Ten
     return shared.to(like.device, like.dtype)
 
 
-METHODS["bottleneck"] = Method("bottleneck", _build_bottleneck, insert_bottleneck, exclusive=True, build_shared=_build_shared)
-METHODS["invertible"] = Method("bottleneck", _build_invertible, insert_invertible, exclusive=True)
+# -- where ---------------------------------------------------------------------------------
+
+
+def place(name: str, config: BnConfig, anatomy: Anatomy) -> list[Placement]:
+    """One adapter per selected residual block, and the invertible adapter on the embedding output."""
+    blocks, model_name = anatomy.blocks, anatomy.model_name
+    if not blocks:
+        raise SiteError(f"{type(config).__name__} needs residual blocks after attention / feed-forward projections; {model_name} has none")
+    wanted = {"mh": config.mh_adapter, "output": config.output_adapter}
+    shared = (weights_path(SHARED, name),) if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) else ()
+    placements = []
+    for block in blocks:
+        if not wanted[block.location] or block.layer in config.leave_out:
+            continue
+        _check_sizes(config, block)
+        # The adapter's weights live under the projection that closes its block.
+        placements.append(Placement(name, "bottleneck", block, weights_path(ADAPTERS, name, block.path), config, shared=shared))
+    if config.inv_adapter:
+        # The first block's residual input is the embedding output.
+        first = blocks[0]
+        _check_invertible_sizes(config, first.hidden_size)
+        placements.append(Placement(name, "invertible", first, weights_path(INVERTIBLE, name), config, anchor=first.residual))
+    if not placements:
+        raise SiteError(f"{type(config).__name__} selects no block of {model_name} (leave_out={list(config.leave_out)})")
+    return one_per_layer(placements)
+
+
+def _check_sizes(config: BnConfig, block: Block) -> None:
+    hidden, factor = block.hidden_size, config.factor(block.layer)
+    down = hidden / factor
+    # Compared before int(): a tiny factor makes the quotient inf.
+    if not down <= MAX_SIZE:
+        raise ConfigError(f"{type(config).__name__}.reduction_factor={factor} makes a bottleneck of {down:.3g} on the hidden size {hidden} "
+                          f"(layer {block.layer}), more than 2**31", field="reduction_factor", value=factor)
+    if down != int(down) or down < 1:
+        raise ConfigError(f"{type(config).__name__}.reduction_factor={factor} does not divide the hidden size {hidden} (layer {block.layer})",
+                          field="reduction_factor", value=factor)
+    if config.phm_layer and (hidden % config.phm_dim or int(down) % config.phm_dim):
+        raise ConfigError(f"{type(config).__name__}.phm_dim={config.phm_dim} must divide the hidden size {hidden} and the bottleneck size {int(down)}",
+                          field="phm_dim", value=config.phm_dim)
+
+
+def gate_location(p: Placement) -> str:
+    """AdapterHub's gate location of a bottleneck adapter: mh_adapter or output_adapter."""
+    return f"{p.block.location}_adapter"
+
+
+# -- AdapterHub checkpoints ----------------------------------------------------------------
+
+
+def _bottleneck_key(key: str, name: str, blocks: dict[tuple[int, str], Placement]) -> str:
+    for container in (INVERTIBLE, SHARED):
+        _, sep, param = key.partition(f"{container}.{name}.")
+        if sep:
+            return f"{container}.{param}"
+    _, sep, param = f".{key}".partition(f".{ADAPTERS}.{name}.")
+    p = blocks.get(layer_and_location(key, ADAPTERS)) if sep else None
+    return state_key(p.module, "adapter", param) if p is not None else key
+
+
+def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub bottleneck adapters: ``<block>.adapters.<name>.<param>`` by layer and block
+    (the same parameter names as fxadapt's), ``invertible_adapters.<name>.<param>`` and the
+    Compacter rule ``shared_parameters.<name>.phm_rule``."""
+    config = ckpt.make_config(BnConfig, **known_fields(BnConfig, ckpt.config))
+    placements = ckpt.placements(place, gm, config)
+    blocks = {(p.block.layer, p.block.location): p for p in placements if p.method == "bottleneck"}
+    tensors, sources = {}, {}
+    for key, tensor in ckpt.tensors.items():
+        if ".adapter_norm_before." in key:
+            continue  # AdapterHub's alias of adapter_down.0 (ln_before), stored twice
+        ours = _bottleneck_key(key, ckpt.name, blocks)
+        put(tensors, sources, ours, tensor, key, ckpt.weights_path)
+    if config.phm_layer and config.shared_phm_rule and not any(k.startswith("shared_parameters.") for k in tensors):
+        # AdapterHub 1.3.0's save_adapter leaves the shared rule out of the file (its own loading
+        # then starts from a new one too): say so, and start from AdapterHub's initialisation.
+        warnings.warn(f"{ckpt.weights_path} has no Compacter PHM rule (shared_parameters.{ckpt.name}.phm_rule): AdapterHub 1.3.0 "
+                      "does not save it. The adapter starts from a new rule, so its outputs differ from the saved model's; "
+                      "load the rule you trained with into adapter_state_dict()['shared_parameters.phm_rule']", stacklevel=4)
+        with torch.random.fork_rng(devices=[]):
+            n = config.phm_dim
+            tensors["shared_parameters.phm_rule"] = torch.empty(n, n, n).normal_(0, config.phm_init_range)
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+
+
+METHOD = Method("bottleneck", "bottleneck", _build_bottleneck, insert_bottleneck, place, exclusive=True, build_shared=_build_shared,
+                gate_location=gate_location, adapterhub=read_adapterhub)

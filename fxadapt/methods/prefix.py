@@ -16,6 +16,8 @@ Prefixes are batch-free and broadcast over the batch; a gate (UniPELT) scales th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import operator
 
 import torch
@@ -23,14 +25,18 @@ from torch import nn
 from torch.fx import Node
 
 from ..config import PrefixTuningConfig
-from ..errors import SiteError
+from ..errors import CheckpointError, SiteError
+from ..formats.common import AdapterHubCheckpoint, Converted, known_fields, layer_and_location, put
 from ..ops import MATMUL, SOFTMAX, op_name
-from ..plan import Placement
-from ..sites import LINEAR_OPS, Attention, sequence_input
-from . import METHODS, Emitter, Method, seeded
-from .bottleneck import Activation
-from .dropout import RATE_MODULE
+from ..naming import PREFIX_GATES, PREFIX_TUNINGS, state_key, weights_path
+from ..passes.dropout import RATE_MODULE
+from ..placement import Placement, one_per_layer
+from ..sites import LINEAR_OPS, Anatomy, Attention, sequence_input
+from .base import Activation, Emitter, Method, seeded
 from .gating import Gate
+
+if TYPE_CHECKING:
+    from ..module import AdaptedModule
 
 aten = torch.ops.aten
 
@@ -253,4 +259,55 @@ def _between(start: Node, stop: Node) -> list[Node]:
     return between
 
 
-METHODS["prefix"] = Method("prefix_tuning", _build_gate, insert_prefix, exclusive=True, build_shared=_build_generator)
+# -- where ---------------------------------------------------------------------------------
+
+
+def place(name: str, config: PrefixTuningConfig, anatomy: Anatomy) -> list[Placement]:
+    """One placement per self-attention; one prefix generator shared by all of them."""
+    attentions, model_name = anatomy.attentions, anatomy.model_name
+    own = [a for a in attentions if not a.cross]
+    if not own:
+        raise SiteError(f"{type(config).__name__} needs attention with projected keys and values; {model_name} has none")
+    own = [a for a in own if a.layer not in config.leave_out]
+    generator = weights_path(PREFIX_TUNINGS, name)
+    placements = []
+    # The generator holds one slot per adapted layer, in layer order (AdapterHub's prefix ids).
+    for slot, att in enumerate(own):
+        # Gates live by the attention's projections, as AdapterHub's prefix_gates.
+        parent = att.weight.rpartition(".")[0].rpartition(".")[0]
+        gate = weights_path(PREFIX_GATES, name, parent) if config.use_gating else None
+        placements.append(Placement(name, "prefix", att, gate, config, shared=(generator,), layers=len(own), slot=slot))
+    if not placements:
+        raise SiteError(f"{type(config).__name__} selects no attention of {model_name} (leave_out={list(config.leave_out)})")
+    return one_per_layer(placements)
+
+
+# -- AdapterHub checkpoints ----------------------------------------------------------------
+
+
+def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub prefix tuning: the generator ``prefix_tuning.prefix_tunings.<name>.self_prefix.<param>``
+    (its aliases under every attention's ``prefix_tuning.pool`` are the same tensors) and the
+    gates ``<attention>.prefix_tuning.prefix_gates.<name>.<param>``, by layer."""
+    config = ckpt.make_config(PrefixTuningConfig, **known_fields(PrefixTuningConfig, ckpt.config))
+    gates = {p.attention.layer: p for p in ckpt.placements(place, gm, config) if p.module is not None}
+    tensors, sources = {}, {}
+    for key, tensor in ckpt.tensors.items():
+        if ".pool." in key:
+            continue
+        _, sep, param = key.partition(f"prefix_tunings.{ckpt.name}.self_prefix.")
+        if sep:
+            ours = f"prefix_tunings.{param}"
+        else:
+            _, sep, param = key.partition(f"prefix_gates.{ckpt.name}.")
+            p = gates.get(layer_and_location(key, "prefix_tuning")[0]) if sep else None
+            ours = state_key(p.module, "adapter", param) if p is not None else key
+        if "cross_prefix" in key:
+            raise CheckpointError(f"{ckpt.weights_path}: tensor {key}: cross-attention prefixes are not supported",
+                                  path=ckpt.weights_path, tensor=key)
+        put(tensors, sources, ours, tensor, key, ckpt.weights_path)
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+
+
+METHOD = Method("prefix", "prefix_tuning", _build_gate, insert_prefix, place, exclusive=True, build_shared=_build_generator,
+                gate_location=lambda p: "self_prefix", adapterhub=read_adapterhub)

@@ -1,0 +1,137 @@
+"""PEFT's format, both ways, for LoRA and (IA)^3: ``adapter_config.json`` with ``peft_type`` and
+``adapter_model.safetensors`` (or ``adapter_model.bin``), keys
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.ia3_l``."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import IA3Config, LoRAConfig
+from ..errors import CheckpointError, ConfigError
+from ..placement import Placement
+from .common import HUB_CONFIG, PEFT_WEIGHTS, Converted, first_file, put, read_json, read_tensors, resolve_module, translate
+
+if TYPE_CHECKING:
+    from ..module import AdaptedModule
+
+_PEFT_PREFIX = "base_model.model."
+
+# PEFT config fields that change what the adapter computes and that fxadapt cannot express: they must be off.
+_PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "exclude_modules", "target_parameters",
+                     "layer_replication", "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+
+
+# The PEFT config fields fxadapt reads and the JSON types each must have (true/false is no number here,
+# and "false" is no boolean), with the fxadapt field each becomes.
+_PEFT_FIELDS = {"r": ((int,), "r"), "lora_alpha": ((int, float), "alpha"), "lora_dropout": ((int, float), "dropout"),
+                "use_rslora": ((bool,), "use_rslora"), "target_modules": ((list, str, type(None)), "targets"),
+                "feedforward_modules": ((list, str, type(None)), "input_scaling_targets"),
+                "rank_pattern": ((dict, type(None)), "rank_pattern"), "alpha_pattern": ((dict, type(None)), "alpha_pattern")}
+_JSON_NAMES = {int: "an integer", float: "a number", bool: "true or false", list: "a list", str: "a string", dict: "an object",
+               type(None): "null"}
+
+
+def read(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
+    path = os.path.join(directory, HUB_CONFIG)
+    meta = read_json(path)
+    kind = meta.get("peft_type")
+    if kind not in ("LORA", "IA3") or not isinstance(kind, str):
+        raise CheckpointError(f"{path}: peft_type {kind!r} is not supported (fxadapt reads LORA and IA3)", path=path)
+    bad = [f for f in _PEFT_UNSUPPORTED if meta.get(f)] + (["bias"] if meta.get("bias", "none") != "none" else [])
+    if bad:
+        raise CheckpointError(f"{path}: PEFT option {bad[0]}={meta[bad[0]]!r} is not supported by fxadapt", path=path)
+    for name, (types, _) in _PEFT_FIELDS.items():
+        value = meta.get(name)
+        if name in meta and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{path}: {name} must be {' or '.join(_JSON_NAMES[t] for t in types)}, got {value!r}", path=path)
+    listed = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
+    try:
+        if kind == "LORA":
+            config = LoRAConfig(selfattn_lora=False, targets=listed.get("target_modules"), r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8),
+                                dropout=meta.get("lora_dropout", 0.0), use_rslora=meta.get("use_rslora", False),
+                                rank_pattern=meta.get("rank_pattern") or {}, alpha_pattern=meta.get("alpha_pattern") or {})
+        else:
+            config = IA3Config(selfattn_lora=False, intermediate_lora=False, targets=listed.get("target_modules"),
+                               input_scaling_targets=listed.get("feedforward_modules") or None)
+    except ConfigError as e:
+        field = next((peft for peft, (_, ours) in _PEFT_FIELDS.items() if ours == e.field), e.field)
+        raise CheckpointError(f"{path}: {field}: {e}", path=path) from e
+    config = translate(gm, config, key_mapping)
+    weights = first_file(directory, PEFT_WEIGHTS, "PEFT")
+    params = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".ia3_l": "scale"}
+    tensors, sources = {}, {}
+    for key, tensor in read_tensors(weights).items():
+        suffix = next((s for s in params if key.endswith(s)), None)
+        module = resolve_module(gm, key.removeprefix(_PEFT_PREFIX)[: -len(suffix)], key_mapping) if suffix else None
+        ours = key if module is None else f"{module}.{params[suffix]}"
+        if module is not None and params[suffix] == "scale" and tensor.ndim == 2:
+            # PEFT: (out, 1) scales the output, (1, in) the input of a feedforward module.
+            if tensor.shape[0 if config.matches_input_scaling(module) else 1] == 1:
+                tensor = tensor.reshape(-1)
+        put(tensors, sources, ours, tensor, key, weights)
+    return Converted("lora" if kind == "LORA" else "ia3", config, tensors, weights, sources, path)
+
+
+def write(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
+    adapter = gm._adapter(name)
+    config = adapter.config
+    if not isinstance(config, LoRAConfig) or config.use_gating:
+        raise CheckpointError(f"adapter {name!r} ({type(config).__name__}) has no PEFT form: PEFT's format holds LoRA and (IA)^3")
+    by_path: dict[str, list[Placement]] = {}
+    for p in adapter.placements:
+        by_path.setdefault(p.site.path, []).append(p)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas, feedforward = {}, {}, []
+    for path, parts in by_path.items():
+        weights = [gm.get_submodule(p.module) for p in parts]
+        site = parts[0].site
+        key = _PEFT_PREFIX + path
+        if config.method == "ia3":
+            if parts[0].side == "input":
+                tensors[key + ".ia3_l"] = weights[0].vector().detach().reshape(1, -1)
+                feedforward.append(path)
+                continue
+            full = torch.ones(site.linear.out_features, dtype=weights[0].scale.dtype)
+            for p, w in zip(parts, weights):
+                full[_columns(p)] = w.vector().detach()
+            tensors[key + ".ia3_l"] = full.reshape(-1, 1)
+        elif len(parts) == 1 and site.columns is None:
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = weights[0].lora_A, weights[0].lora_B
+        else:
+            # Per-role parts of a fused projection: one LoRA on the whole linear with block structure,
+            # A = [A_q; A_v] and B block-diagonal (B_q on q's rows and columns 0..r, ...). Exact, rank n*r;
+            # in training, one dropout mask instead of one per role.
+            scale = weights[0].scaling
+            a = torch.cat([w.lora_A.detach() for w in weights])
+            b = torch.zeros(site.linear.out_features, a.shape[0], dtype=a.dtype)
+            start = 0
+            for p, w in zip(parts, weights):
+                r = w.lora_A.shape[0]
+                b[_columns(p), start:start + r] = w.lora_B.detach() * (w.scaling / scale) if w.scaling != scale else w.lora_B.detach()
+                start += r
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
+            ranks[re.escape(path)] = a.shape[0]
+            alphas[re.escape(path)] = scale * (math.sqrt(a.shape[0]) if config.use_rslora else a.shape[0])
+    common = {"target_modules": list(by_path), "fan_in_fan_out": any(p.site.linear.transposed for p in adapter.placements),
+              "modules_to_save": None, "inference_mode": True, "task_type": None, "base_model_name_or_path": None}
+    if config.method == "ia3":
+        meta = {"peft_type": "IA3", **common, "feedforward_modules": feedforward, "init_ia3_weights": True}
+    else:
+        # Block entries first: PEFT takes the first pattern that matches.
+        for k, v in config.rank_pattern:
+            ranks.setdefault(k, v)
+        for k, v in config.alpha_pattern:
+            alphas.setdefault(k, v)
+        meta = {"peft_type": "LORA", **common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                "use_rslora": config.use_rslora, "bias": "none", "rank_pattern": ranks, "alpha_pattern": alphas, "init_lora_weights": True}
+    return HUB_CONFIG, meta, PEFT_WEIGHTS[0], tensors
+
+
+def _columns(p: Placement) -> list[int] | slice:
+    cols = p.site.columns
+    return slice(None) if cols is None else list(cols)

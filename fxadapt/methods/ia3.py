@@ -1,0 +1,78 @@
+"""(IA)^3 (Liu et al., 2022), AdapterHub's ``IA3Config`` (a LoRAConfig with ``composition_mode="scale"``).
+
+At a projection:  ``y * (scaling * l)``, or ``W (x * l) + b`` for the linears ``input_scaling_targets``
+names (PEFT's ``feedforward_modules``). Merged:  ``diag(l) W`` and ``l * b``, or ``W diag(l)``.
+Where: as LoRA (k, v and the feed-forward input by default).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LoRAConfig
+from ..errors import ConfigError
+from ..placement import Placement
+from ..sites import Anatomy, Site
+from .base import Emitter, Method, columns_tensor
+from .lora import as_weight, init_generator, out_in, select_sites, site_path, spread_rows, weights_dtype
+
+aten = torch.ops.aten
+
+
+class IA3Weights(nn.Module):
+    """The (IA)^3 vector ``scale`` of one site (AdapterHub's ``lora_B``), times ``scaling``."""
+
+    def __init__(self, site: Site, config: LoRAConfig, like: torch.Tensor, features: int | None = None):
+        super().__init__()
+        self.scaling = config.scaling_for(site.path)
+        self.cast = config.dtype is not None
+        scale = torch.empty(features or site.out_features, device=like.device, dtype=torch.float32)
+        if config.init_weights == "ia3":
+            nn.init.ones_(scale)
+        elif config.init_weights == "bert":
+            nn.init.normal_(scale, std=0.02, generator=init_generator(config, site))
+        else:  # "lora": zeros, as AdapterHub does
+            nn.init.zeros_(scale)
+        self.scale = nn.Parameter(scale.to(weights_dtype(config, like)))
+        self.register_buffer("columns", columns_tensor(site.columns), persistent=False)
+
+    def vector(self) -> torch.Tensor:
+        return self.scale * self.scaling if self.scaling != 1.0 else self.scale
+
+
+def build(site: Site, config: LoRAConfig, like: torch.Tensor) -> IA3Weights:
+    # The linears of input_scaling_targets are scaled on the input side: one value per input feature.
+    return IA3Weights(site, config, like, site.in_features if config.matches_input_scaling(site.path) else None)
+
+
+def insert_ia3(e: Emitter, p: Placement, w: IA3Weights) -> None:
+    if p.side == "input":
+        e.scale_input(f"{p.module}.scale", w.scaling, w.cast)
+        return
+    scale = e.attr(f"{p.module}.scale")
+    if w.scaling != 1.0:
+        scale = e.call(aten.mul.Tensor, scale, w.scaling)
+    scaled = e.call(aten.mul.Tensor, e.y, e.full_vector(scale, p.site, f"{p.module}.columns", 1.0))
+    # A vector in a dtype of their own: the product is taken in the wider dtype and rounded once (as PEFT).
+    e.y = e.call(aten.type_as.default, scaled, e.y) if w.cast else scaled
+
+
+def fold_ia3(weight, bias, p: Placement, w: IA3Weights):
+    vec = w.vector().to(torch.promote_types(weight.dtype, torch.float32))
+    w_oi = out_in(weight, p.site).to(vec.dtype)
+    if p.side == "input":
+        return as_weight(weight, w_oi * vec[None, :], p.site), bias
+    full = spread_rows(p.site, vec, 1.0)
+    new_bias = None if bias is None else (bias.to(vec.dtype) * full).to(bias.dtype)
+    return as_weight(weight, w_oi * full[:, None], p.site), new_bias
+
+
+def place(name: str, config: LoRAConfig, anatomy: Anatomy) -> list[Placement]:
+    if config.use_gating:
+        raise ConfigError(f"{type(config).__name__}.use_gating=True: (IA)^3 cannot gate", field="use_gating", value=True)
+    return [Placement(name, "ia3", s, site_path(name, s), config, side="input" if config.matches_input_scaling(s.path) else "output")
+            for s in select_sites(config, anatomy)]
+
+
+METHOD = Method("ia3", "lora", build, insert_ia3, place, fold_ia3)
