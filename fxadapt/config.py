@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["AdapterConfig", "LoRAConfig", "IA3Config", "CONFIGS", "resolve_config"]
+__all__ = ["AdapterConfig", "LoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "CONFIGS", "resolve_config"]
 
 ATTN_MATRICES = ("q", "k", "v", "o")
 INIT_WEIGHTS = ("lora", "bert", "ia3")
@@ -237,8 +237,28 @@ class AdapterConfig:
         raise ConfigError(f"{type(self).__name__}.{field} {message}, got {value!r}", field=field, value=value)
 
 
+class _Patterns:
+    """``rank_pattern`` / ``alpha_pattern`` (PEFT's per-module rank and alpha): given as dicts, PEFT's
+    form, and stored as tuples of pairs, so configs stay hashable; anything else is left as it is
+    for the check to name. Written back as dicts."""
+
+    def __post_init__(self) -> None:
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, tuple(value.items()))
+            elif isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(tuple(p) if isinstance(p, list) else p for p in value))
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["rank_pattern"], out["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
+        return out
+
+
 @dataclass(frozen=True)
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(_Patterns, AdapterConfig):
     """Low-rank adaptation (Hu et al., 2021): ``W x + b + scaling * B A dropout(x)``.
 
     Fields follow AdapterHub's ``LoRAConfig``:
@@ -297,21 +317,6 @@ class LoRAConfig(AdapterConfig):
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     input_scaling_targets: str | tuple[str, ...] | None = None
 
-    def __post_init__(self) -> None:
-        # Patterns are given as dicts (PEFT's form) and stored as tuples of pairs, so configs stay
-        # hashable; anything else is left as it is for the check to name.
-        for name in ("rank_pattern", "alpha_pattern"):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                object.__setattr__(self, name, tuple(value.items()))
-            elif isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(tuple(p) if isinstance(p, list) else p for p in value))
-        super().__post_init__()
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["rank_pattern"], out["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
-        return out
 
     @property
     def scaling(self) -> float:
@@ -400,6 +405,110 @@ class IA3Config(LoRAConfig):
     attn_matrices: tuple[str, ...] = ("k", "v")
     composition_mode: str = "scale"
     init_weights: str = "ia3"
+
+
+def _unsupported_dropout(v: Any) -> str | None:
+    return None if _is_finite(v) and v == 0 else "must be 0 (rank and module dropout are not supported)"
+
+
+def _lokr_init(v: Any) -> str | None:
+    return None if isinstance(v, bool) or isinstance(v, str) and v == "lycoris" else 'must be True, False or "lycoris"'
+
+
+def _decompose_factor(v: Any) -> str | None:
+    return None if _is_int(v) and (v == -1 or 1 <= v <= MAX_SIZE) else "must be -1 (near the square root) or an integer in [1, 2**31]"
+
+
+@dataclass(frozen=True)
+class _LycorisConfig(_Patterns, AdapterConfig):
+    """What LoHa and LoKr (PEFT's LyCORIS methods) share with LoRA: where they go (``selfattn_lora``
+    with ``attn_matrices``, ``intermediate_lora``, ``output_lora``, ``targets``, ``leave_out``) and
+    their size (``r``, ``alpha``, ``rank_pattern``, ``alpha_pattern``; ``scaling = alpha / r``).
+    PEFT's ``rank_dropout`` and ``module_dropout`` must be 0 (not supported)."""
+
+    _checks: ClassVar[dict[str, Check]] = {
+        "selfattn_lora": _bool, "intermediate_lora": _bool, "output_lora": _bool, "leave_out": _layers, "r": _size,
+        "alpha": _positive, "rank_dropout": _unsupported_dropout, "module_dropout": _unsupported_dropout,
+        "attn_matrices": _attn_matrices, "init_weights": _bool, "init_weights_seed": _seed, "targets": _names,
+        "rank_pattern": _pattern(_size), "alpha_pattern": _pattern(_positive),
+    }
+    # select_sites reads these of LoRA's fields: LoHa / LoKr never scale inputs.
+    input_scaling_targets = None
+
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    leave_out: tuple[int, ...] = ()
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    attn_matrices: tuple[str, ...] = ("q", "v")
+    init_weights: bool = True
+    init_weights_seed: int | None = None
+    targets: str | tuple[str, ...] | None = None
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    rank_for = LoRAConfig.rank_for
+    alpha_for = LoRAConfig.alpha_for
+    matches_target = LoRAConfig.matches_target
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, PEFT's scaling of the delta weight."""
+        return self.alpha / self.r
+
+    def scaling_for(self, path: str) -> float:
+        """``scaling`` with the module's own rank and alpha."""
+        return self.alpha_for(path) / self.rank_for(path)
+
+    def matches_input_scaling(self, path: str) -> bool:
+        return False
+
+    def check_combination(self) -> None:
+        if not (self.selfattn_lora and self.attn_matrices) and not self.intermediate_lora and not self.output_lora and not self.targets:
+            self._fail("selfattn_lora", "selects no site: enable selfattn_lora with attn_matrices, intermediate_lora, output_lora or set targets")
+
+
+@dataclass(frozen=True)
+class LoHaConfig(_LycorisConfig):
+    """LoHa (Hyeon-Woo et al., 2022, PEFT's ``LoHaConfig``): the projection's weight gets
+    ``(w1_a w1_b) * (w2_a w2_b) * alpha / r`` added, a Hadamard product of two rank-``r``
+    products. ``init_weights=True`` starts ``hada_w2_b`` at zero (the adapter starts as the base
+    model), ``False`` all four at random (Kaiming-uniform). Where: as LoRA (q and v by default).
+
+    >>> LoHaConfig(r=4, alpha=8).scaling
+    2.0
+    """
+
+    architecture: ClassVar[str] = "loha"
+    method: ClassVar[str] = "loha"
+    checks: ClassVar[dict[str, Check]] = _LycorisConfig._checks
+
+
+@dataclass(frozen=True)
+class LoKrConfig(_LycorisConfig):
+    """LoKr (Edalati et al., 2022; LyCORIS, PEFT's ``LoKrConfig``): the projection's weight gets
+    ``kron(w1, w2) * alpha / r``, with the output and input sizes factored as PEFT's
+    ``factorization(size, decompose_factor)`` does (-1: near the square root). ``w2`` is the
+    rank-``r`` product ``w2_a w2_b`` when ``r`` is below half its larger side, ``w1`` too with
+    ``decompose_both``. ``init_weights=True`` starts ``w1`` (or ``w1_a``) at zero, ``"lycoris"``
+    ``w2`` (or ``w2_b``), ``False`` nothing. ``rank_dropout_scale`` only matters with rank dropout.
+
+    >>> LoKrConfig().decompose_factor
+    -1
+    """
+
+    architecture: ClassVar[str] = "lokr"
+    method: ClassVar[str] = "lokr"
+    checks: ClassVar[dict[str, Check]] = {**_LycorisConfig._checks, "init_weights": _lokr_init, "decompose_both": _bool,
+                                          "decompose_factor": _decompose_factor, "rank_dropout_scale": _bool}
+
+    init_weights: bool | str = True
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
 
 
 @dataclass(frozen=True)
@@ -661,7 +770,7 @@ _ROLE_NAMES = {"q": "query", "k": "key", "v": "value", "o": "attention output", 
 def _places(config: AdapterConfig) -> list[str]:
     """Where a config puts adapters, whatever the method (for ConfigUnion's overlap check). LoRA and
     (IA)^3 at one projection would share its weights' container (``loras``), so they collide too."""
-    if isinstance(config, LoRAConfig):
+    if isinstance(config, (LoRAConfig, _LycorisConfig)):
         roles = list(config.attn_matrices) if config.selfattn_lora else []
         roles += ["ffn_in"] * config.intermediate_lora + ["ffn_out"] * config.output_lora
         return [f"a LoRA/(IA)^3 adapter on the {_ROLE_NAMES[r]} projection ({r})" for r in roles]
@@ -712,7 +821,7 @@ ParallelConfig = ParBnConfig
 
 
 _CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {c.__name__: c for c in (
-    LoRAConfig, IA3Config, BnConfig, SeqBnConfig, SeqBnInvConfig, DoubleSeqBnConfig, DoubleSeqBnInvConfig, ParBnConfig,
+    LoRAConfig, IA3Config, LoHaConfig, LoKrConfig, BnConfig, SeqBnConfig, SeqBnInvConfig, DoubleSeqBnConfig, DoubleSeqBnInvConfig, ParBnConfig,
     CompacterConfig, CompacterPlusPlusConfig, PrefixTuningConfig, ConfigUnion, MAMConfig, UniPELTConfig)}
 
 #: AdapterHub's config ids and the default config each names.
@@ -737,6 +846,9 @@ CONFIGS: dict[str, AdapterConfig] = {
     "ia3": IA3Config(),
     "mam": MAMConfig(),
     "unipelt": UniPELTConfig(),
+    # PEFT's LyCORIS methods (no AdapterHub id): fxadapt's own ids.
+    "loha": LoHaConfig(),
+    "lokr": LoKrConfig(),
 }
 
 

@@ -29,9 +29,6 @@ __all__ = ["Box", "collapse", "draw", "ROLE_COLORS"]
 ROLE_COLORS = {"q": "#4e79a7", "k": "#59a14f", "v": "#76b7b2", "o": "#f28e2b", "ffn_in": "#edc948", "ffn_out": "#b07aa1"}
 KIND_COLORS = {"input": "#d9d9d9", "attention": "#9d9d9d", "adapter": "#e8308c", "output": "#d9d9d9"}
 _SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
-# Adapter weight modules by class name, as shown in the boxes.
-_METHOD_LABELS = {"LoRAWeights": "LoRA", "IA3Weights": "(IA)^3", "Bottleneck": "bottleneck", "Gate": "gate", "NICE": "invertible",
-                  "PrefixTuning": "prefix"}
 
 
 @dataclass
@@ -127,8 +124,8 @@ def _methods(gm: AdaptedModule, node: Node) -> list[tuple[str, str]]:
     for target in targets:
         names = [part for part in target.split(".") if part in gm.adapters]
         if names:
-            kind = type(gm.get_submodule(target)).__name__
-            found.append((names[0], _METHOD_LABELS.get(kind, kind)))
+            module = gm.get_submodule(target)  # an adapter's weights module names its method: ``label``
+            found.append((names[0], getattr(module, "label", type(module).__name__)))
     return found
 
 

@@ -650,7 +650,7 @@ def _adapter_dtype(config: AdapterConfig, like: torch.Tensor, autocast: bool) ->
 
 def _size_field(config: AdapterConfig, placement: Placement | None, weights: nn.Module) -> str:
     """The config field that sets the size of these weights (named when they do not fit)."""
-    if isinstance(config, LoRAConfig):
+    if hasattr(config, "rank_for"):  # LoRA, (IA)^3, LoHa, LoKr: a rank per module
         site = placement.site if placement is not None else None
         return "rank_pattern" if site is not None and config.rank_for(site.path) != config.r else "r"
     if isinstance(config, PrefixTuningConfig):

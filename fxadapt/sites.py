@@ -502,7 +502,17 @@ def _qkv_sources(att: _Attention, sources, x_of):
     return q, k, v
 
 
-def _adds_to_residual(down: Node, up_inputs: list[Node], hops: int = 6, depth: int = 48) -> bool:
+# How far _adds_to_residual looks. From a feed-forward down projection to its residual add there
+# are at most a dropout, a scale (layer scale, ``residual_multiplier``), a cast and reshapes: six
+# hops cover every block seen, while a down projection feeding another layer's attention (no
+# feed-forward) does not reach an add of its own input in six. The up projections' inputs derive
+# from the residual within a norm and casts: 48 nodes back cover a norm written out op by op
+# (RMSNorm with its casts is ~10) with room, and stay inside one layer (a layer is hundreds).
+_RESIDUAL_HOPS = 6
+_RESIDUAL_DEPTH = 48
+
+
+def _adds_to_residual(down: Node, up_inputs: list[Node], hops: int = _RESIDUAL_HOPS, depth: int = _RESIDUAL_DEPTH) -> bool:
     """Whether ``down``'s output is added (within a few hops) to a value the up projections' inputs derive from."""
     ancestors, frontier = set(up_inputs), list(up_inputs)
     for _ in range(depth):
@@ -585,6 +595,8 @@ def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] 
         before = _ancestors(projection.args[LINEAR_OPS[op_name(projection)][0]])
         tail = current = _through_tail(projection)
         direct = True
+        # A parallel-residual layer sums its sublayers before the residual comes in (GPT-J adds
+        # attention and feed-forward outputs first): follow up to four such sums.
         for _ in range(4):
             current = _through_tail(current)
             adds = [u for u in current.users if op_name(u) == "add" and len(u.all_input_nodes) == 2]
@@ -618,7 +630,13 @@ def _through_tail(node: Node) -> Node:
     return node
 
 
-def _ancestors(node: Node, limit: int = 2000) -> set[Node]:
+# A bound on the ancestors collected for the residual test above: the residual input of a block is
+# within its own layer (a few hundred nodes in the layers of the tested architectures), so 2000
+# finds it while keeping each search bounded by a layer rather than the whole graph.
+_ANCESTOR_LIMIT = 2000
+
+
+def _ancestors(node: Node, limit: int = _ANCESTOR_LIMIT) -> set[Node]:
     seen, frontier = set(), [node]
     while frontier and len(seen) < limit:
         n = frontier.pop()

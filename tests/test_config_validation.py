@@ -229,8 +229,12 @@ def _fxadapt_fields(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if k not in ADAPTERHUB_ONLY and k != "architecture"}
 
 
+# Methods only PEFT has: their defaults are PEFT's (checked against PEFT's own configs below).
+PEFT_ONLY = {"loha": "LoHaConfig", "lokr": "LoKrConfig"}
+
+
 def test_adapterhub_defaults_are_accepted():
-    assert set(ADAPTERHUB_DEFAULTS) == set(CONFIGS)
+    assert set(ADAPTERHUB_DEFAULTS) | set(PEFT_ONLY) == set(CONFIGS) and not set(ADAPTERHUB_DEFAULTS) & set(PEFT_ONLY)
     for config_id, (cls, fields) in ADAPTERHUB_DEFAULTS.items():
         if isinstance(fields, list):
             config = cls(*[part(**_fxadapt_fields(f)) for part, f in fields])
@@ -239,6 +243,17 @@ def test_adapterhub_defaults_are_accepted():
             as_dict = {"config_class": cls.__name__, "architecture": fields.get("architecture"), **_fxadapt_fields(fields)}
             assert AdapterConfig.from_dict(as_dict) == config, config_id
         assert config == CONFIGS[config_id], config_id
+
+
+def test_peft_only_defaults_are_peft_defaults():
+    import peft
+
+    names = ("r", "alpha", "rank_dropout", "module_dropout", "init_weights", "decompose_both", "decompose_factor", "rank_dropout_scale")
+    for config_id, cls in PEFT_ONLY.items():
+        ours, theirs = CONFIGS[config_id], getattr(peft, cls)()
+        shared = [f for f in names if hasattr(ours, f) and hasattr(theirs, f)]
+        assert {"r", "alpha", "init_weights"} <= set(shared), config_id
+        assert {f: getattr(ours, f) for f in shared} == {f: getattr(theirs, f) for f in shared}, config_id
 
 
 def test_every_config_id_round_trips_through_json():

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import IA3Config, LoRAConfig
+from ..config import IA3Config, LoHaConfig, LoKrConfig, LoRAConfig
 from ..errors import CheckpointError, ConfigError
 from ..placement import Placement
 from .common import HUB_CONFIG, PEFT_WEIGHTS, Converted, first_file, put, read_json, read_tensors, resolve_module, translate
@@ -36,12 +37,24 @@ _JSON_NAMES = {int: "an integer", float: "a number", bool: "true or false", list
                type(None): "null"}
 
 
+# LoHa and LoKr (PEFT's LyCORIS methods): their config class, the fields fxadapt reads with the JSON
+# types each must have (named alike in both), and their tensors' names.
+_LYCORIS = {"LOHA": LoHaConfig, "LOKR": LoKrConfig}
+_LYCORIS_FIELDS = {"r": (int,), "alpha": (int, float), "rank_dropout": (int, float), "module_dropout": (int, float),
+                   "init_weights": (bool, str), "decompose_both": (bool,), "decompose_factor": (int,), "rank_dropout_scale": (bool,),
+                   "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None))}
+_LYCORIS_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                   "lokr_w2_b")
+
+
 def read(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
     path = os.path.join(directory, HUB_CONFIG)
     meta = read_json(path)
     kind = meta.get("peft_type")
-    if kind not in ("LORA", "IA3") or not isinstance(kind, str):
-        raise CheckpointError(f"{path}: peft_type {kind!r} is not supported (fxadapt reads LORA and IA3)", path=path)
+    if not isinstance(kind, str) or kind not in ("LORA", "IA3", *_LYCORIS):
+        raise CheckpointError(f"{path}: peft_type {kind!r} is not supported (fxadapt reads LORA, IA3, LOHA and LOKR)", path=path)
+    if kind in _LYCORIS:
+        return _read_lycoris(gm, directory, path, meta, key_mapping)
     bad = [f for f in _PEFT_UNSUPPORTED if meta.get(f)] + (["bias"] if meta.get("bias", "none") != "none" else [])
     if bad:
         raise CheckpointError(f"{path}: PEFT option {bad[0]}={meta[bad[0]]!r} is not supported by fxadapt", path=path)
@@ -77,11 +90,61 @@ def read(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
     return Converted("lora" if kind == "LORA" else "ia3", config, tensors, weights, sources, path)
 
 
+def _read_lycoris(gm: AdaptedModule, directory: str, path: str, meta: dict, key_mapping) -> Converted:
+    """A PEFT LoHa or LoKr adapter: ``base_model.model.<module>.hada_w1_a`` ... / ``.lokr_w1`` ..."""
+    kind = meta["peft_type"]
+    bad = [f for f in (*_PEFT_UNSUPPORTED, "layers_pattern") if meta.get(f)]
+    if bad:
+        raise CheckpointError(f"{path}: PEFT option {bad[0]}={meta[bad[0]]!r} is not supported by fxadapt", path=path)
+    cls = _LYCORIS[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for name, types in _LYCORIS_FIELDS.items():
+        value = meta.get(name)
+        if name in meta and name in fields and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{path}: {name} must be {' or '.join(_JSON_NAMES[t] for t in types)}, got {value!r}", path=path)
+    target = meta.get("target_modules")
+    if not isinstance(target, (list, str)):
+        raise CheckpointError(f"{path}: target_modules must be a list or a string, got {target!r}", path=path)
+    given = {k: meta[k] or {} if k.endswith("_pattern") else meta[k] for k in _LYCORIS_FIELDS if k in meta and k in fields}
+    try:
+        config = cls(selfattn_lora=False, targets=tuple(target) if isinstance(target, list) else target, **given)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e.field}: {e}", path=path) from e
+    config = translate(gm, config, key_mapping)
+    weights = first_file(directory, PEFT_WEIGHTS, "PEFT")
+    tensors, sources = {}, {}
+    for key, tensor in read_tensors(weights).items():
+        module, _, param = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+        found = resolve_module(gm, module, key_mapping) if param in _LYCORIS_PARAMS else None
+        put(tensors, sources, key if found is None else f"{found}.{param}", tensor, key, weights)
+    return Converted(kind.lower(), config, tensors, weights, sources, path)
+
+
+def _write_lycoris(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
+    adapter = gm._adapter(name)
+    config = adapter.config
+    fused = next((p for p in adapter.placements if p.site.columns is not None), None)
+    if fused is not None:
+        raise CheckpointError(f"adapter {name!r}: a {type(config).__name__} on one role of the fused projection {fused.site.name} has no "
+                              "PEFT form (PEFT adapts whole modules); use targets= with the whole module, or fxadapt's format")
+    tensors = {f"{_PEFT_PREFIX}{p.site.path}.{param}": tensor
+               for p in adapter.placements for param, tensor in gm.get_submodule(p.module).named_parameters()}
+    fields = {f: getattr(config, f) for f in _LYCORIS_FIELDS if hasattr(config, f)}
+    fields["rank_pattern"], fields["alpha_pattern"] = dict(config.rank_pattern), dict(config.alpha_pattern)
+    meta = {"peft_type": type(config).__name__.removesuffix("Config").upper(), "target_modules": sorted({p.site.path for p in adapter.placements}),
+            **fields, "use_effective_conv2d": False, "modules_to_save": None, "inference_mode": True, "task_type": None,
+            "base_model_name_or_path": None}
+    return HUB_CONFIG, meta, PEFT_WEIGHTS[0], tensors
+
+
 def write(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
     adapter = gm._adapter(name)
     config = adapter.config
+    if isinstance(config, (LoHaConfig, LoKrConfig)):
+        return _write_lycoris(gm, name)
     if not isinstance(config, LoRAConfig) or config.use_gating:
-        raise CheckpointError(f"adapter {name!r} ({type(config).__name__}) has no PEFT form: PEFT's format holds LoRA and (IA)^3")
+        raise CheckpointError(f"adapter {name!r} ({type(config).__name__}) has no PEFT form: PEFT's format holds LoRA, (IA)^3, "
+                              "LoHa and LoKr")
     by_path: dict[str, list[Placement]] = {}
     for p in adapter.placements:
         by_path.setdefault(p.site.path, []).append(p)

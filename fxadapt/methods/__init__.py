@@ -9,7 +9,7 @@ load without torch), and names the method with ``config.method``.
 
 from __future__ import annotations
 
-from . import bottleneck, ia3, invertible, lora, prefix
+from . import bottleneck, ia3, invertible, loha, lokr, lora, prefix
 from .base import Method
 
 __all__ = ["METHODS", "Method"]
@@ -18,6 +18,8 @@ __all__ = ["METHODS", "Method"]
 METHODS: dict[str, Method] = {m.name: m for m in (
     lora.METHOD,
     ia3.METHOD,
+    loha.METHOD,
+    lokr.METHOD,
     bottleneck.METHOD,
     invertible.METHOD,
     prefix.METHOD,

@@ -142,6 +142,8 @@ class Bottleneck(nn.Module):
     ``adapter_down`` (LN?, down projection, activation), ``adapter_up``, ``scaling``,
     ``adapter_norm_after``, ``gate``."""
 
+    label = "bottleneck"  # in fxadapt.draw's pictures
+
     def __init__(self, block: Block, config: BnConfig, like: torch.Tensor):
         super().__init__()
         hidden = block.hidden_size

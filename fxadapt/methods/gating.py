@@ -37,6 +37,8 @@ class Gate(nn.Linear):
     """``mean_t sigmoid(W x_t + b)``: (batch, outputs) from (batch, seq, features). A Linear, so its
     weights keep AdapterHub's names (``gate.weight``, ``gate.bias``)."""
 
+    label = "gate"  # in fxadapt.draw's pictures
+
     def __init__(self, in_features: int, outputs: int = 1, init_bias: bool = True):
         super().__init__(in_features, outputs)
         with torch.no_grad():

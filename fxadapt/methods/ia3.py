@@ -23,6 +23,8 @@ aten = torch.ops.aten
 class IA3Weights(nn.Module):
     """The (IA)^3 vector ``scale`` of one site (AdapterHub's ``lora_B``), times ``scaling``."""
 
+    label = "(IA)^3"  # in fxadapt.draw's pictures
+
     def __init__(self, site: Site, config: LoRAConfig, like: torch.Tensor, features: int | None = None):
         super().__init__()
         self.scaling = config.scaling_for(site.path)

@@ -20,6 +20,8 @@ class NICE(nn.Module):
     """Invertible NICE coupling block on the embedding output (AdapterHub's ``NICECouplingBlock``):
     ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``."""
 
+    label = "invertible"  # in fxadapt.draw's pictures
+
     def __init__(self, hidden: int, config: BnConfig, like: torch.Tensor):
         super().__init__()
         self.split = hidden // 2

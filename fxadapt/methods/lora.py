@@ -50,6 +50,8 @@ class LoRAWeights(nn.Module):
     """``lora_A`` (r, in) and ``lora_B`` (out, r) of one site; rank, ``scaling`` (``rank_pattern`` /
     ``alpha_pattern`` per module path) and ``dropout`` from the config."""
 
+    label = "LoRA"  # in fxadapt.draw's pictures
+
     def __init__(self, site: Site, config: LoRAConfig, like: torch.Tensor):
         super().__init__()
         r = config.rank_for(site.path)

@@ -45,6 +45,8 @@ class PrefixTuning(nn.Module):
     """AdapterHub's ``PrefixTuning`` (``wte`` + ``control_trans`` MLP) or ``FlatPrefixTuning``
     (``control_trans`` holds the prefixes): ``forward()`` gives ``(layers * 2, heads, P, head_dim)``."""
 
+    label = "prefix"  # in fxadapt.draw's pictures
+
     def __init__(self, config: PrefixTuningConfig, hidden: int, layers: int, heads: int, head_dim: int):
         super().__init__()
         self.shape = (config.prefix_length, layers * 2, heads, head_dim)
