@@ -20,7 +20,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import config as _config  # no torch: configs are plain data
+from . import errors  # noqa: F401  (public: fxadapt.errors)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,10 +35,7 @@ __version__ = "0.1.0"
 _SOURCES = {
     **dict.fromkeys(["AdapterError", "CaptureError", "CheckpointError", "ConfigError", "DrawError", "ExportError", "FxAdaptError",
                      "InputError", "MergeError", "SiteError"], "errors"),
-    **dict.fromkeys(["CONFIGS", "AdapterConfig", "BnConfig", "CompacterConfig", "CompacterPlusPlusConfig", "ConfigUnion",
-                     "DoubleSeqBnConfig", "DoubleSeqBnInvConfig", "HoulsbyConfig", "HoulsbyInvConfig", "IA3Config", "LoRAConfig",
-                     "LoHaConfig", "LoKrConfig", "MAMConfig", "ParallelConfig", "ParBnConfig", "PfeifferConfig", "PfeifferInvConfig",
-                     "PrefixTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "UniPELTConfig", "config_id", "resolve_config"], "config"),
+    **dict.fromkeys(_config.__all__, "config"),
     "AdaptedModule": "module",
     "Site": "sites",
     "capture": "capture",

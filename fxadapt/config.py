@@ -14,7 +14,6 @@ from typing import Any, Callable, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["AdapterConfig", "LoRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "CONFIGS", "resolve_config"]
 
 ATTN_MATRICES = ("q", "k", "v", "o")
 INIT_WEIGHTS = ("lora", "bert", "ia3")
@@ -170,6 +169,10 @@ def _non_negative(v: Any) -> str | None:
     return None if _is_finite(v) and v >= 0 else "must be a finite number >= 0"
 
 
+#: Every public config class by name (``from_dict`` reads ``config_class``): each registers itself.
+_CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {}
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Base of every adapter config. ``architecture`` is the summary's Architecture column;
@@ -178,6 +181,11 @@ class AdapterConfig:
     architecture: ClassVar[str] = ""
     method: ClassVar[str] = ""  # the key of its method in fxadapt.methods.METHODS
     checks: ClassVar[dict[str, Check]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            _CONFIG_CLASSES[cls.__name__] = cls
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so configs stay hashable.
@@ -819,10 +827,9 @@ HoulsbyConfig = DoubleSeqBnConfig
 HoulsbyInvConfig = DoubleSeqBnInvConfig
 ParallelConfig = ParBnConfig
 
+__all__ = ["AdapterConfig", *_CONFIG_CLASSES, "PfeifferConfig", "PfeifferInvConfig", "HoulsbyConfig", "HoulsbyInvConfig",
+           "ParallelConfig", "CONFIGS", "resolve_config", "config_id"]
 
-_CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {c.__name__: c for c in (
-    LoRAConfig, IA3Config, LoHaConfig, LoKrConfig, BnConfig, SeqBnConfig, SeqBnInvConfig, DoubleSeqBnConfig, DoubleSeqBnInvConfig, ParBnConfig,
-    CompacterConfig, CompacterPlusPlusConfig, PrefixTuningConfig, ConfigUnion, MAMConfig, UniPELTConfig)}
 
 #: AdapterHub's config ids and the default config each names.
 CONFIGS: dict[str, AdapterConfig] = {
