@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 
 ATTN_MATRICES = ("q", "k", "v", "o")
-INIT_WEIGHTS = ("lora", "bert", "ia3")
+INIT_WEIGHTS = ("lora", "bert", "ia3", "vera")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 NON_LINEARITIES = ("relu", "swish", "silu", "gelu", "gelu_new", "tanh", "sigmoid", "leakyrelu", "linear")
 
@@ -165,6 +165,10 @@ def _false(v: Any) -> str | None:
     return None if v is False else "must be False (cross-attention adapters are not supported)"
 
 
+def _finite(v: Any) -> str | None:
+    return None if _is_finite(v) else "must be a finite number"
+
+
 def _non_negative(v: Any) -> str | None:
     return None if _is_finite(v) and v >= 0 else "must be a finite number >= 0"
 
@@ -290,6 +294,8 @@ class LoRAConfig(_Patterns, AdapterConfig):
       with it, or it matches the path's tail as a regex) wins; other modules use ``r`` / ``alpha``.
     - ``input_scaling_targets``: (IA)^3 only: module names (as ``targets``) whose *input* is scaled
       (PEFT's ``feedforward_modules``); these linears are adapted on the input side only.
+    - ``use_dora``: DoRA (``DoRAConfig``); ``vera_d`` / ``vera_b``: VeRA's initial d and b vectors
+      (``VeraConfig``): AdapterHub's fields, each method acting only once it is in ``METHODS``.
 
     >>> LoRAConfig(r=8, alpha=16).scaling
     2.0
@@ -304,6 +310,7 @@ class LoRAConfig(_Patterns, AdapterConfig):
         "composition_mode": _choice("add", "scale"), "init_weights": _choice(*INIT_WEIGHTS), "init_weights_seed": _seed,
         "use_gating": _bool, "use_rslora": _bool, "targets": _names, "dtype": _optional(_choice(*DTYPES)),
         "rank_pattern": _pattern(_size), "alpha_pattern": _pattern(_positive), "input_scaling_targets": _names,
+        "use_dora": _bool, "vera_d": _optional(_finite), "vera_b": _optional(_finite),
     }
 
     selfattn_lora: bool = True
@@ -324,7 +331,9 @@ class LoRAConfig(_Patterns, AdapterConfig):
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     input_scaling_targets: str | tuple[str, ...] | None = None
-
+    use_dora: bool = False
+    vera_d: float | None = None
+    vera_b: float | None = None
 
     @property
     def scaling(self) -> float:
@@ -351,10 +360,16 @@ class LoRAConfig(_Patterns, AdapterConfig):
 
     @property
     def method(self) -> str:  # type: ignore[override]
-        """The method this config uses: ``"lora"`` or ``"ia3"``."""
-        return "ia3" if self.composition_mode == "scale" else "lora"
+        """The method this config uses: ``"lora"``, ``"ia3"``, ``"dora"`` or ``"vera"``."""
+        if self.composition_mode == "scale":
+            return "ia3"
+        return "dora" if self.use_dora else "vera" if self.vera_d is not None or self.vera_b is not None else "lora"
 
     def check_combination(self) -> None:
+        if self.use_dora and (self.vera_d is not None or self.vera_b is not None):
+            self._fail("use_dora", "and vera_d / vera_b are two methods: choose DoRA or VeRA")
+        if self.composition_mode == "scale" and (self.use_dora or self.vera_d is not None or self.vera_b is not None):
+            self._fail("composition_mode", '"scale" ((IA)^3) takes neither use_dora nor vera_d / vera_b')
         if self.composition_mode == "scale":
             if self.r != 1:
                 self._fail("r", 'must be 1 when composition_mode="scale"')

@@ -82,9 +82,10 @@ def reduction_factor(v):
 LORA_FIELDS = {
     "selfattn_lora": boolean, "intermediate_lora": boolean, "output_lora": boolean, "leave_out": layers, "r": size,
     "alpha": positive, "dropout": probability, "attn_matrices": matrices, "composition_mode": one_of("add", "scale"),
-    "init_weights": one_of("lora", "bert", "ia3"), "init_weights_seed": seed, "use_gating": boolean, "use_rslora": boolean,
+    "init_weights": one_of("lora", "bert", "ia3", "vera"), "init_weights_seed": seed, "use_gating": boolean, "use_rslora": boolean,
     "targets": names, "dtype": optional(one_of("float32", "float16", "bfloat16", "float64")), "rank_pattern": pattern(size),
-    "alpha_pattern": pattern(positive), "input_scaling_targets": names,
+    "alpha_pattern": pattern(positive), "input_scaling_targets": names, "use_dora": boolean, "vera_d": optional(_finite),
+    "vera_b": optional(_finite),
 }
 BN_FIELDS = {
     "mh_adapter": boolean, "output_adapter": boolean, "reduction_factor": reduction_factor, "non_linearity": activation,
@@ -106,8 +107,8 @@ PREFIX_FIELDS = {
 # Per class: the reference of each field, and the fields whose rules join several fields (checked
 # after every field is valid on its own: (IA)^3 needs r=1 and no dropout, a config must select a place...).
 CLASSES = {
-    LoRAConfig: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora"}),
-    IA3Config: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora"}),
+    LoRAConfig: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora", "use_dora", "composition_mode"}),
+    IA3Config: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora", "use_dora", "composition_mode"}),
     **{c: (BN_FIELDS, {"inv_adapter_reduction_factor", "reduction_factor", "output_adapter"}) for c in (
         BnConfig, SeqBnConfig, SeqBnInvConfig, DoubleSeqBnConfig, DoubleSeqBnInvConfig, ParBnConfig, CompacterConfig, CompacterPlusPlusConfig)},
     PrefixTuningConfig: (PREFIX_FIELDS, set()),
@@ -220,13 +221,8 @@ ADAPTERHUB_DEFAULTS = {
     "unipelt": (UniPELTConfig, [(PrefixTuningConfig, {**PREFIX, "prefix_length": 10, "use_gating": True}),
                                 (SeqBnConfig, {**BN, "use_gating": True}), (LoRAConfig, {**LORA, "alpha": 2, "use_gating": True})]),
 }
-# AdapterHub's LoRA fields for methods fxadapt does not have (DoRA, VeRA): accepted when off.
-ADAPTERHUB_ONLY = {"use_dora": False, "vera_d": None, "vera_b": None}
-
-
 def _fxadapt_fields(fields: dict) -> dict:
-    assert all(fields.get(k, off) == off for k, off in ADAPTERHUB_ONLY.items())
-    return {k: v for k, v in fields.items() if k not in ADAPTERHUB_ONLY and k != "architecture"}
+    return {k: v for k, v in fields.items() if k != "architecture"}
 
 
 # Methods only PEFT has: their defaults are PEFT's (checked against PEFT's own configs below).
