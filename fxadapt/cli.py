@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -101,21 +102,27 @@ def _load(path: str):
         raise CliError(f"cannot load a transformers model from {path!r}: {str(e).strip().splitlines()[0]}") from None
 
 
-def _check_configs(ids: Sequence[str]) -> list[str]:
-    unknown = [c for c in ids if c not in fxadapt.CONFIGS]
-    if unknown:
-        raise CliError(f"unknown config id {unknown[0]!r}; valid ids: {', '.join(fxadapt.CONFIGS)}")
-    return list(ids)
+def _check_configs(ids: Sequence[str]) -> dict[str, fxadapt.AdapterConfig]:
+    """Each ``--config`` (a CONFIGS id or an AdapterHub config string) and the adapter name it gets:
+    the id itself, or the string's words joined by ``_`` (``lora[r=4]`` -> ``lora_r_4``)."""
+    configs = {}
+    for text in ids:
+        try:
+            config = fxadapt.config.resolve_config(text)
+        except fxadapt.ConfigError as e:
+            raise CliError(str(e)) from None
+        configs[text if text in fxadapt.CONFIGS else re.sub(r"\W+", "_", text).strip("_")] = config
+    return configs
 
 
 def _adapted(model_dir: str, configs: Sequence[str], *, active: bool):
     """The captured model with these configs added as adapters named by their ids."""
     configs = _check_configs(configs)
     gm = fxadapt.capture(_load(_model_dir(model_dir)))
-    for config_id in configs:
-        gm.add_adapter(config_id, config_id, set_active=False)
+    for name, config in configs.items():
+        gm.add_adapter(name, config, set_active=False)
     if active:
-        gm.set_active_adapters(configs)
+        gm.set_active_adapters(list(configs))
     return gm
 
 
@@ -204,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
 
     command("sites", cmd_sites, "list the adapter sites found in the model: layer, role, module path, shape")
     sub = command("summary", cmd_summary, "the adapter summary table for these configs")
-    sub.add_argument("--config", action="append", required=True, metavar="ID", help=f"a config id, repeatable: {', '.join(fxadapt.CONFIGS)}")
+    sub.add_argument("--config", action="append", required=True, metavar="ID", help=f"a config id or AdapterHub config string (lora[r=4]|pfeiffer), repeatable: {', '.join(fxadapt.CONFIGS)}")
     sub = command("merge", cmd_merge, "merge an adapter into the model and save a plain transformers model")
     sub.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an adapter saved by fxadapt, PEFT or AdapterHub")
     sub.add_argument("out_dir", metavar="OUT_DIR", help="written whole or not at all: if the command fails, what was there is kept")

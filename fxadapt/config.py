@@ -6,6 +6,7 @@ naming the field and the value. ``CONFIGS`` maps AdapterHub's config ids to defa
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import re
@@ -875,18 +876,58 @@ CONFIGS: dict[str, AdapterConfig] = {
 
 
 def resolve_config(config: AdapterConfig | str) -> AdapterConfig:
-    """A config object, or the default config of an id in ``CONFIGS``.
+    """A config object, the default config of an id in ``CONFIGS``, or an AdapterHub config string:
+    ids with changed fields in brackets, joined by ``|`` into a union
+    (``"prefix_tuning[bottleneck_size=800]|parallel"``).
 
     >>> resolve_config("lora").r
     8
+    >>> resolve_config("lora[r=4, alpha=16]|pfeiffer").configs[0].scaling
+    4.0
     """
     if isinstance(config, AdapterConfig):
         return config
     if isinstance(config, str):
         if config in CONFIGS:
             return CONFIGS[config]
+        if "[" in config or "|" in config:
+            return _parse_config_string(config)
         raise ConfigError(f"unknown config id {config!r}; valid ids: {', '.join(CONFIGS)}", field="config", value=config)
     raise ConfigError(f"config must be an AdapterConfig or one of {list(CONFIGS)}, got {type(config).__name__}", field="config", value=config)
+
+
+# AdapterHub's config string: an id, then optionally ``[field=value, ...]`` with Python literal values.
+_CONFIG_STRING = re.compile(r"(?P<name>[^\[\]|\n]+)(?:\[(?P<fields>.*)\])?")
+
+
+def _parse_config_string(text: str) -> AdapterConfig:
+    """AdapterHub's ``parse_adapter_config_string``: each ``|``-separated part is an id of ``CONFIGS``
+    with its fields changed; several parts make a ConfigUnion. Values are read with
+    ``ast.literal_eval`` (no code runs); a bad part, id, field or value is a ConfigError naming it."""
+    parts = []
+    for chunk in text.split("|"):
+        match = _CONFIG_STRING.fullmatch(chunk.strip())
+        if match is None:
+            raise ConfigError(f"config string {text!r}: {chunk.strip()!r} is not `id` or `id[field=value, ...]`", field="config", value=text)
+        name = match["name"].strip()
+        if name not in CONFIGS:
+            raise ConfigError(f"config string {text!r}: unknown config id {name!r}; valid ids: {', '.join(CONFIGS)}", field="config",
+                              value=name)
+        fields: dict[str, Any] = {}
+        if match["fields"] and match["fields"].strip():
+            try:
+                fields = ast.literal_eval("{" + re.sub(r"(\w+)\s*=", r"'\1':", match["fields"]) + "}")
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+                raise ConfigError(f"config string {text!r}: the fields of {name!r} are not field=value pairs of Python literals ({e})",
+                                  field="config", value=match["fields"]) from None
+        config = CONFIGS[name]
+        known = {f.name for f in dataclasses.fields(config)}
+        unknown = [k for k in fields if k not in known]
+        if unknown:
+            raise ConfigError(f"config string {text!r}: {type(config).__name__} has no field {unknown[0]!r}; its fields: {sorted(known)}",
+                              field=unknown[0], value=fields[unknown[0]])
+        parts.append(config.replace(**fields))
+    return parts[0] if len(parts) == 1 else ConfigUnion(*parts)
 
 
 def config_id(config: AdapterConfig | str) -> str:

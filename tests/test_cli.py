@@ -69,6 +69,16 @@ def test_summary(capsys):
     assert "Full model" in out and "22,713,216" in out
 
 
+def test_summary_takes_adapterhub_config_strings(capsys):
+    """lora[r=4] has half of lora's 73,728 parameters; with pfeiffer's 113,040 in one union adapter."""
+    code, out, err = run(capsys, "summary", minilm(), "--config", "lora[r=4]|pfeiffer", "--config", "lora[r=4]")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["lora_r_4_pfeiffer"][1:3] == ["union", "149,904"] and rows["lora_r_4"][1:3] == ["lora", "36,864"]
+    code, _, err = run(capsys, "summary", minilm(), "--config", "lora[rank=4]")
+    assert code == 1 and "LoRAConfig has no field 'rank'" in err
+
+
 def test_merge_writes_a_plain_model(capsys, tmp_path, trained_adapter):
     adapter, batch, want = trained_adapter
     code, out, err = run(capsys, "merge", minilm(), adapter, tmp_path / "merged")

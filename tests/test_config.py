@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 import fxadapt
-from fxadapt.config import AdapterConfig
+from fxadapt.config import AdapterConfig, ConfigUnion, LoRAConfig, MAMConfig, resolve_config
+from fxadapt.errors import ConfigError
 
 
 def test_defaults_are_adapterhubs():
@@ -74,3 +75,16 @@ def test_ia3_cannot_gate():
     gm = fxadapt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
     with pytest.raises(fxadapt.ConfigError, match="use_gating"):
         gm.add_adapter("g", fxadapt.IA3Config(targets=["0"], use_gating=True))
+
+
+def test_adapterhub_config_strings():
+    """AdapterHub's parse_adapter_config_string: ids with fields changed, "|" for a union."""
+    mam = resolve_config("prefix_tuning[bottleneck_size=800]|parallel")
+    assert isinstance(mam, ConfigUnion) and mam.configs == MAMConfig().configs
+    assert resolve_config("lora[r=4, alpha=16, attn_matrices=['q', 'k']]") == LoRAConfig(r=4, alpha=16, attn_matrices=["q", "k"])
+    assert resolve_config("pfeiffer[reduction_factor={'default': 16, '0': 8}]").factor(0) == 8
+    for text, field in [("lora[r=0]", "r"), ("lora[rank=4]", "rank"), ("lorra[r=4]", "config"), ("lora[r=__import__('os')]", "config"),
+                        ("lora|", "config"), ("lora[r=4]x", "config"), ("mam|lora", "configs"), ("lora[r=4]|ia3", "configs")]:
+        with pytest.raises(ConfigError) as info:
+            resolve_config(text)
+        assert info.value.field == field, text
