@@ -33,6 +33,7 @@ from .inputs import InputSpec
 from .checkpoint import CheckpointMixin
 from .config import AdapterConfig, BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
 from .errors import AdapterError, ConfigError, InputError, MergeError
+from .fold import fold
 from .methods import METHODS
 from .methods.base import frozen_parameters
 from .methods.gating import GateRecorder, connect
@@ -367,20 +368,15 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         touched = set(folds) | {self._fx_linears[w].bias for w in folds if self._fx_linears[w].bias}
         for path in [k for k in self._fx_originals if k not in touched]:
             _set_param(self, path, self._fx_originals.pop(path))
-        with torch.no_grad():
-            for weight_path, placements in folds.items():
-                bias_path = self._fx_linears[weight_path].bias
-                weight = self._fx_originals.setdefault(weight_path, self.get_parameter(weight_path))
-                bias = self._fx_originals.setdefault(bias_path, self.get_parameter(bias_path)) if bias_path else None
-                w, b = weight.detach(), None if bias is None else bias.detach()
-                for p in placements:
-                    w, b = METHODS[p.method].fold(w, b, p, self.get_submodule(p.module))
-                    if check_finite and not (w.isfinite().all() and (b is None or b.isfinite().all())):
-                        raise MergeError(f"merging adapter {p.adapter!r} makes {weight_path if not w.isfinite().all() else bias_path} of "
-                                         f"{self._fx_model_name} non-finite (NaN or inf): the adapter seems broken; nothing was merged")
-                _set_param(self, weight_path, nn.Parameter(w.to(weight.dtype), requires_grad=False))
-                if bias_path:
-                    _set_param(self, bias_path, nn.Parameter(b.to(bias.dtype), requires_grad=False))
+        for weight_path, placements in folds.items():
+            bias_path = self._fx_linears[weight_path].bias
+            weight = self._fx_originals.setdefault(weight_path, self.get_parameter(weight_path))
+            bias = self._fx_originals.setdefault(bias_path, self.get_parameter(bias_path)) if bias_path else None
+            w, b = fold(weight, bias, placements, self.get_submodule, check_finite=check_finite,
+                        names=(f"{weight_path} of {self._fx_model_name}", f"{bias_path} of {self._fx_model_name}"))
+            _set_param(self, weight_path, nn.Parameter(w.to(weight.dtype), requires_grad=False))
+            if bias_path:
+                _set_param(self, bias_path, nn.Parameter(b.to(bias.dtype), requires_grad=False))
 
     @contextlib.contextmanager
     def _atomic(self):
