@@ -177,8 +177,10 @@ class CheckpointMixin:
         adapters of equal config have equal parameter names and shapes.
 
         ``weights`` default to equal; with ``normalize_weights`` (AdapterHub's default) they are
-        divided by their sum. Task arithmetic (``[1, -1]``: add one task, remove another) needs
-        ``normalize_weights=False``. The inputs' configs must be equal apart from ``dropout``,
+        divided by their sum (``normalize_weights=False`` keeps them, e.g. to scale one adapter).
+        Since LoRA's A and B are each combined, the result's ``B A`` is not the weighted sum of the
+        inputs' ``B A``: with ``[1, -1]``, ``(B1 - B2)(A1 - A2)`` adds the second adapter's product
+        (with cross terms) instead of subtracting it, so this is no task arithmetic. The inputs' configs must be equal apart from ``dropout``,
         ``init_weights`` and ``init_weights_seed`` (``AVERAGE_IGNORES``); the new adapter takes the
         first input's config.
 
@@ -200,7 +202,7 @@ class CheckpointMixin:
         if weights and normalize_weights:
             total = sum(weights)
             if total == 0:
-                raise AdapterError("weights sum to 0 and cannot be normalized; pass normalize_weights=False (task arithmetic)")
+                raise AdapterError("weights sum to 0 and cannot be normalized; pass normalize_weights=False to use them as they are")
             weights = [w / total for w in weights]
         config = self._fx_adapters[names[0]].config
         for other in names[1:]:

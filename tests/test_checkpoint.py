@@ -707,7 +707,7 @@ def test_average_adapter_is_the_weighted_sum_of_tensors(config):
         b = {k: v.detach().clone() for k, v in gm.adapter_state_dict("b").items()}
         gm.average_adapter("avg", ["a", "b"], [1.0, 3.0])  # normalized: 0.25, 0.75
         gm.average_adapter("equal", ["a", "b"])  # equal weights
-        gm.average_adapter("diff", ["a", "b"], [1.0, -1.0], normalize_weights=False, set_active=True)  # task arithmetic
+        gm.average_adapter("diff", ["a", "b"], [1.0, -1.0], normalize_weights=False, set_active=True)  # tensor by tensor
         assert gm.adapters["avg"] == config and gm.active_adapters == ["diff"]
         for key in a:
             eps = torch.finfo(torch.float32).eps  # one rounding of a two-term sum
