@@ -64,6 +64,11 @@ def capture(
         kwargs = transformers_example_inputs(model)
         main = model.main_input_name
         spec_defaults = {k: v for k, v in _CALL_DEFAULTS.items() if k in kwargs and k != main}
+    elif hf and not args and "input_ids" in kwargs and "attention_mask" not in kwargs and _takes(model, "attention_mask"):
+        # Example kwargs without a mask (``input_ids`` and ``labels``, say): capture with one of ones, which is
+        # what the model assumes without it, so that calls may still pass one.
+        kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        main, spec_defaults = "input_ids", {"attention_mask": _CALL_DEFAULTS["attention_mask"]}
 
     # Flags (output_hidden_states=True, ...) are baked into the graph, not made graph inputs.
     constants = {k: v for k, v in kwargs.items() if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))}
@@ -135,6 +140,12 @@ def _signature(model: nn.Module) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward has a parameter ``name``."""
+    signature = _signature(model)
+    return signature is not None and name in signature.parameters
 
 
 def transformers_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:

@@ -320,7 +320,9 @@ def _column_maps(gm: GraphModule, nodes: list[Node], linear_of) -> dict[Node, tu
         except Exception:  # an op we cannot replay on indices: treat every column as reaching everything
             continue
         for n in chain:
-            if isinstance(env[n], torch.Tensor):
+            # A plain tensor of indices; not a fake one: an op whose sizes depend on the data (a
+            # classifier picking each row's last token) selects rows, and its columns are not known.
+            if type(env[n]) is torch.Tensor:
                 cols = frozenset(env[n].unique().tolist())
                 if len(cols) < width:
                     maps[n] = (node, cols)
