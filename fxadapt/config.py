@@ -431,6 +431,43 @@ class IA3Config(LoRAConfig):
     init_weights: str = "ia3"
 
 
+@dataclass(frozen=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA (Liu et al., 2024, weight-decomposed LoRA): LoRA's update with a learned magnitude per
+    output row, ``y = m / ||W + scaling B A|| * (W + scaling B A) x + b`` (the norm per output row,
+    treated as a constant in backward, as PEFT). AdapterHub's ``DoRAConfig``: a LoRA config with
+    ``use_dora=True``; PEFT's ``LoraConfig(use_dora=True)``.
+
+    >>> DoRAConfig().method
+    'dora'
+    """
+
+    use_dora: bool = True
+
+
+@dataclass(frozen=True)
+class VeraConfig(LoRAConfig):
+    """VeRA (Kopiczko et al., 2024, vector-based random matrix adaptation): frozen random ``A`` (r, in)
+    and ``B`` (out, r) shared by every adapted projection (one pair of the largest shapes, sliced per
+    projection, as PEFT), and per projection two trained vectors: ``y + scaling * b * (B (d * (A x)))``.
+    ``vera_d`` / ``vera_b`` are the vectors' initial values; ``init_weights="vera"`` draws A and B
+    Kaiming-uniform (PEFT's draw, from ``init_weights_seed`` when set: PEFT's ``projection_prng_key``).
+    AdapterHub's ``VeraConfig`` defaults; ``scaling = alpha / r`` as AdapterHub (PEFT: 1, i.e. alpha = r).
+
+    >>> VeraConfig().method
+    'vera'
+    """
+
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    r: int = 8
+    vera_d: float | None = 0.1
+    vera_b: float | None = 0.0
+    init_weights: str = "vera"
+    composition_mode: str = "add"
+
+
 def _unsupported_dropout(v: Any) -> str | None:
     return None if _is_finite(v) and v == 0 else "must be 0 (rank and module dropout are not supported)"
 
@@ -872,6 +909,9 @@ CONFIGS: dict[str, AdapterConfig] = {
     # PEFT's LyCORIS methods (no AdapterHub id): fxadapt's own ids.
     "loha": LoHaConfig(),
     "lokr": LoKrConfig(),
+    # AdapterHub 1.3.0's LoRA variants.
+    "dora": DoRAConfig(),
+    "vera": VeraConfig(),
 }
 
 

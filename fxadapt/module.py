@@ -205,6 +205,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             for p in placements:
                 if p.module is not None:
                     connect(built[p.module], self._fx_gates, name, p.where.layer, METHODS[p.method].gate_location(p))
+                    if p.shared and hasattr(built[p.module], "link"):  # weights that read modules they share (VeRA's A and B)
+                        built[p.module].link(*(built[path] for path in p.shared))
             for path, weights in built.items():
                 _set_module(self, path, weights.train(self.training))  # a new module is in training mode; follow ours
             self._fx_adapters[name] = adapter
@@ -222,7 +224,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
                 jobs.append(_Job(p.module, functools.partial(METHODS[p.method].build, p.where, config), p.where.weight, config, p))
         for path in adapter.shared:
             owners = [p for p in adapter.placements if path in p.shared]
-            config = owners[0].config or adapter.config
+            config = _adapter_dtype(owners[0].config or adapter.config, self.get_parameter(owners[0].where.weight), autocast)
             jobs.append(_Job(path, functools.partial(METHODS[owners[0].method].build_shared, config, owners), owners[0].where.weight, config))
         return jobs
 

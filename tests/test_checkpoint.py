@@ -655,8 +655,8 @@ def test_directory_without_an_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(CheckpointError, match="PREFIX_TUNING"):
         gm.load_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "target_modules": ["query"]}))
-    with pytest.raises(CheckpointError, match="use_dora"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True, "target_modules": ["query"]}))
+    with pytest.raises(CheckpointError, match="lora_bias"):
         gm.load_adapter(tmp_path)
 
 

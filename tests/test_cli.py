@@ -155,7 +155,7 @@ PUBLIC = {
     "ConfigUnion", "DoubleSeqBnConfig", "DoubleSeqBnInvConfig", "HoulsbyConfig", "HoulsbyInvConfig", "MAMConfig", "ParBnConfig",
     "ParallelConfig", "PfeifferConfig", "PfeifferInvConfig", "PrefixTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "UniPELTConfig",
     "CaptureError", "CheckpointError", "ConfigError", "DrawError", "ExportError", "FxAdaptError", "IA3Config", "InputError",
-    "LoRAConfig", "LoHaConfig", "LoKrConfig", "MergeError", "Site", "SiteError", "capture", "draw", "errors", "export", "rewrite",
+    "LoRAConfig", "LoHaConfig", "LoKrConfig", "DoRAConfig", "VeraConfig", "MergeError", "Site", "SiteError", "capture", "draw", "errors", "export", "rewrite",
 }
 
 _FRESH = """

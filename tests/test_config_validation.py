@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 import fxadapt
 from conftest import captured, inputs_for, perturb_, restored
-from fxadapt.config import (CONFIGS, AdapterConfig, BnConfig, CompacterConfig, CompacterPlusPlusConfig, ConfigUnion, DoubleSeqBnConfig,
+from fxadapt.config import (CONFIGS, AdapterConfig, BnConfig, CompacterConfig, CompacterPlusPlusConfig, ConfigUnion, DoRAConfig, DoubleSeqBnConfig,
                             DoubleSeqBnInvConfig, IA3Config, LoRAConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig,
-                            SeqBnInvConfig, UniPELTConfig)
+                            SeqBnInvConfig, UniPELTConfig, VeraConfig)
 from fxadapt.testing import assert_outputs_close, assert_unchanged, rounding_tolerance, snapshot
 
 # -- the reference: what each field accepts, written plainly -------------------------------------
@@ -109,6 +109,8 @@ PREFIX_FIELDS = {
 CLASSES = {
     LoRAConfig: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora", "use_dora", "composition_mode"}),
     IA3Config: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora", "use_dora", "composition_mode"}),
+    DoRAConfig: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora", "use_dora", "composition_mode"}),
+    VeraConfig: (LORA_FIELDS, {"r", "dropout", "rank_pattern", "input_scaling_targets", "selfattn_lora", "use_dora", "composition_mode"}),
     **{c: (BN_FIELDS, {"inv_adapter_reduction_factor", "reduction_factor", "output_adapter"}) for c in (
         BnConfig, SeqBnConfig, SeqBnInvConfig, DoubleSeqBnConfig, DoubleSeqBnInvConfig, ParBnConfig, CompacterConfig, CompacterPlusPlusConfig)},
     PrefixTuningConfig: (PREFIX_FIELDS, set()),
@@ -217,6 +219,8 @@ ADAPTERHUB_DEFAULTS = {
     "prefix_tuning_flat": (PrefixTuningConfig, {**PREFIX, "flat": True}), "lora": (LoRAConfig, LORA),
     "ia3": (IA3Config, {**LORA, "intermediate_lora": True, "r": 1, "alpha": 1, "attn_matrices": ["k", "v"], "composition_mode": "scale",
                         "init_weights": "ia3"}),
+    "dora": (DoRAConfig, {**LORA, "use_dora": True}),
+    "vera": (VeraConfig, {**LORA, "vera_d": 0.1, "vera_b": 0.0, "init_weights": "vera"}),
     "mam": (MAMConfig, [(PrefixTuningConfig, {**PREFIX, "bottleneck_size": 800}), (ParBnConfig, {**BN, **PAR})]),
     "unipelt": (UniPELTConfig, [(PrefixTuningConfig, {**PREFIX, "prefix_length": 10, "use_gating": True}),
                                 (SeqBnConfig, {**BN, "use_gating": True}), (LoRAConfig, {**LORA, "alpha": 2, "use_gating": True})]),

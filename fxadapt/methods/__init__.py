@@ -9,7 +9,7 @@ load without torch), and names the method with ``config.method``.
 
 from __future__ import annotations
 
-from . import bottleneck, ia3, invertible, loha, lokr, lora, prefix
+from . import bottleneck, dora, ia3, invertible, loha, lokr, lora, prefix, vera
 from .base import Method
 
 __all__ = ["METHODS", "Method"]
@@ -20,6 +20,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     ia3.METHOD,
     loha.METHOD,
     lokr.METHOD,
+    dora.METHOD,
+    vera.METHOD,
     bottleneck.METHOD,
     invertible.METHOD,
     prefix.METHOD,
