@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import warnings
 from typing import Any, Callable
 
@@ -39,7 +40,10 @@ def capture(
     end is ``torch.export.export(..., strict=False)`` and every dimension of every tensor input stays
     dynamic unless the model fixes it (``dynamic_shapes`` overrides this, in torch.export's format).
     Other modules go through ``torch.fx.symbolic_trace``. The model's mode and config are restored;
-    its parameters are shared with the result, not copied.
+    its parameters are shared with the result, not copied. A transformers model whose forward takes
+    ``use_cache`` is captured with ``use_cache=False`` unless the example kwargs set it (no KV cache in
+    the outputs, encoder-decoders included). Inputs that only the loss reads (``labels``) may be left
+    out of later calls; the loss is then None, as the model gives it.
 
     >>> import fxadapt, torch
     >>> gm = fxadapt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
@@ -53,8 +57,16 @@ def capture(
         raise CaptureError(f"capture() takes an nn.Module, got {type(model).__name__}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
-    # torch.export guards on the base of an input that is a view (``ids[:, :8]``), which later inputs lack.
-    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._is_view() else t, (args, kwargs))
+    # torch.export guards on the base of an input that is a view (``ids[:, :8]``), which later inputs lack,
+    # and makes one graph input of a tensor passed twice (``labels=ids``), which later calls need not do.
+    seen: set[int] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        again = id(t) in seen
+        seen.add(id(t))
+        return t.clone() if again or t._is_view() else t
+
+    args, kwargs = pytree.tree_map_only(torch.Tensor, own, (args, kwargs))
     hf = _is_transformers(model)
     spec_defaults: dict = {}
     main = None
@@ -72,11 +84,16 @@ def capture(
 
     # Flags (output_hidden_states=True, ...) are baked into the graph, not made graph inputs.
     constants = {k: v for k, v in kwargs.items() if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))}
+    if hf and "use_cache" not in kwargs and _takes(model, "use_cache"):
+        # A captured forward serves training and scoring, which have no use for a KV cache; the config's
+        # use_cache does not reach every stack (T5's decoder keeps its own copy), the argument does.
+        constants["use_cache"] = False
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     with _capture_mode(model), _bound(model, constants):
         exported = _export(model, args, kwargs, dynamic_shapes)
         train_dropout, train_sdpa = _training_rates(model, args, kwargs, exported)
     make_mode_aware(exported, train_dropout, train_sdpa)
+    optional = _split_loss(exported, _signature(model))
 
     signature = _signature(model) if hf else None
     sizes, bounds = _dynamic_sizes(exported)
@@ -90,6 +107,7 @@ def capture(
         defaults=spec_defaults,
         main=main,
         flags={**(_TRANSFORMERS_FLAGS if hf else {}), **{k: (v,) for k, v in constants.items()}},
+        optional=optional,
     )
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(exported.forward).parameters.values()):
         spec = None  # the graph takes *args: calls pass through unchanged
@@ -276,6 +294,88 @@ def _training_rates(model, args, kwargs, exported: GraphModule):
             "dropout rates that the eval-mode capture set to 0 stay 0 in .train()"
         )
     return train_dropout, train_sdpa
+
+
+LOSS_PART = "_fx_loss"
+
+
+class _LossPart(nn.Module):
+    """The part of a captured graph that only the loss inputs (``labels``...) feed: it runs when
+    every one of them is given and gives None for each of its outputs otherwise, as the model
+    returns no loss without labels."""
+
+    def __init__(self, part: GraphModule, optional: int, outputs: int):
+        super().__init__()
+        self.part, self.optional, self.outputs = part, optional, outputs
+
+    def forward(self, *inputs: Any) -> tuple:
+        if any(x is None for x in inputs[: self.optional]):
+            return (None,) * self.outputs
+        return tuple(self.part(*inputs))
+
+
+def _split_loss(gm: GraphModule, signature: inspect.Signature | None) -> tuple[str, ...]:
+    """Make optional the graph inputs that the model's signature has optional (default None) and
+    that feed only outputs named ``loss`` (``labels``; a QA model's ``start_positions`` and
+    ``end_positions``): the nodes they reach move into one ``call_module`` (:class:`_LossPart`),
+    which gives None without them. The loss stays the model's own ops, as captured; the rest of
+    the graph does not change. Returns the names of the inputs made optional.
+
+    Inputs that also feed other outputs (an encoder-decoder captured with ``labels`` and no
+    ``decoder_input_ids`` shifts the labels into the decoder) stay required. The capture's shape
+    guards on these inputs (and torch.export's guard function, which takes every input) run with
+    the loss part only; the InputSpec's own size checks run on every call."""
+    out_spec = getattr(gm, "_out_spec", None)
+    if signature is None or out_spec is None:
+        return ()
+    graph = gm.graph
+    output = graph.output_node()
+    leaves = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    if len(leaves) != out_spec.num_leaves:
+        return ()
+    paths = [path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(leaves))), out_spec))[0]]
+    loss = {leaf for leaf, path in zip(leaves, paths) if path and getattr(path[-1], "key", getattr(path[-1], "name", None)) == "loss"}
+
+    def reach(start: torch.fx.Node) -> set[torch.fx.Node]:
+        found = {start}
+        for node in graph.nodes:  # topological order: one pass finds every node that depends on start
+            if node.op != "output" and any(a in found for a in node.all_input_nodes):
+                found.add(node)
+        return found
+
+    params = signature.parameters
+    kept, moved = [], set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name in params and params[node.name].default is None:
+            nodes = reach(node)
+            outs = {leaf for leaf in leaves if leaf in nodes}
+            if outs and outs <= loss:
+                kept.append(node)
+                moved |= nodes
+    if not kept:
+        return ()
+    # The loss part as its own graph: the optional inputs, then the values it reads from the rest.
+    body = [n for n in graph.nodes if n in moved and n.op != "placeholder"]
+    boundary = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in moved))
+    results = [leaf for leaf in dict.fromkeys(leaves) if leaf in moved]
+    part, env = torch.fx.Graph(), {}
+    for node in [*kept, *boundary]:
+        env[node] = part.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in body:
+        env[node] = part.node_copy(node, env.__getitem__)
+    part.output(tuple(env[r] for r in results))
+    gm.add_module(LOSS_PART, _LossPart(GraphModule(gm, part, "LossPart"), len(kept), len(results)))
+    with graph.inserting_before(output):
+        call = graph.call_module(LOSS_PART, tuple([*kept, *boundary]))
+        for i, result in enumerate(results):
+            item = graph.call_function(operator.getitem, (call, i))
+            item.meta = dict(result.meta)
+            result.replace_all_uses_with(item, delete_user_cb=lambda user: user is output)
+    for node in reversed(body):
+        graph.erase_node(node)
+    gm.recompile()
+    return tuple(n.name for n in kept)
 
 
 def _fixed_shapes(gm: GraphModule) -> dict[str, tuple[int | None, ...]]:

@@ -755,6 +755,136 @@ class PrefixTuningConfig(AdapterConfig):
     init_weights_seed: int | None = None
 
 
+def _token_ids(v: Any) -> str | None:
+    ok = v is None or (isinstance(v, tuple) and v and all(_is_int(i) and 0 <= i < MAX_SIZE for i in v))
+    return None if ok else "must be None or a non-empty list of token ids (integers >= 0)"
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig(AdapterConfig):
+    """Prompt tuning (Lester et al., 2021): ``prompt_length`` learned embeddings put before the
+    embedding output (after positions and the embeddings' LayerNorm, as AdapterHub), the attention
+    mask extended by as many ones; the model's outputs include the prompt's positions.
+    ``prompt_init="random_uniform"`` draws them from U(-random_uniform_scale, random_uniform_scale);
+    ``"from_string"`` copies the word embeddings of a text's tokens, repeated or cut to
+    ``prompt_length``. AdapterHub tokenizes ``prompt_init_text`` with the model's tokenizer; fxadapt
+    needs no tokenizer: pass the ids, ``prompt_init_ids=tokenizer(text)["input_ids"]`` (beyond
+    AdapterHub's fields). ``combine="prefix_after_bos"`` puts the prompt after the first position.
+    AdapterHub's fields and defaults.
+
+    >>> PromptTuningConfig().prompt_length
+    10
+    """
+
+    architecture: ClassVar[str] = "prompt_tuning"
+    method: ClassVar[str] = "prompt"
+    checks: ClassVar[dict[str, Check]] = {
+        "prompt_length": _size, "prompt_init": _choice("random_uniform", "from_string"),
+        "prompt_init_text": _optional(lambda v: None if isinstance(v, str) and v else "must be None or a non-empty string"),
+        "random_uniform_scale": _non_negative, "combine": _choice("prefix", "prefix_after_bos"),
+        "init_weights_seed": _seed, "prompt_init_ids": _token_ids,
+    }
+
+    prompt_length: int = 10
+    prompt_init: str = "random_uniform"
+    prompt_init_text: str | None = None
+    random_uniform_scale: float = 0.5
+    combine: str = "prefix"
+    init_weights_seed: int | None = None
+    prompt_init_ids: tuple[int, ...] | None = None
+
+    def check_combination(self) -> None:
+        if self.prompt_init == "from_string" and self.prompt_init_ids is None:
+            self._fail("prompt_init_ids", 'must list the prompt text\'s token ids for prompt_init="from_string" '
+                       '(fxadapt does not tokenize: prompt_init_ids=tokenizer(prompt_init_text)["input_ids"])')
+
+
+def _reft_layers(v: Any) -> str | None:
+    return None if v == "all" and isinstance(v, str) or not _layers(v) else 'must be "all" or a list of layer indices (integers >= 0)'
+
+
+def _positions(v: Any) -> str | None:
+    return None if _is_int(v) and 0 <= v <= MAX_SIZE else "must be an integer in [0, 2**31]"
+
+
+@dataclass(frozen=True)
+class ReftConfig(AdapterConfig):
+    """Representation fine-tuning (Wu et al., 2024), AdapterHub's ``ReftConfig``: an intervention on
+    the hidden states each selected layer outputs (``layers``: "all" or indices), at the first
+    ``prefix_positions`` and the last ``suffix_positions`` tokens of each example (found from the
+    attention mask, padding on either side), ``h + R^T (act(W h + b) - R h)`` with R of rank ``r``:
+    orthogonal rows with ``orthogonality``, ``- R h`` left out without ``subtract_projection``.
+    ``tied_weights``: prefix and suffix share one intervention per layer (else one each);
+    ``dropout`` acts on the intervened states; ``non_linearity`` is None (identity) or an activation;
+    ``output_reft`` is AdapterHub's only location (the layer output). AdapterHub's fields and defaults
+    (its ``subtract_projection`` is a class attribute its JSON leaves out; here a field).
+
+    >>> LoReftConfig().prefix_positions
+    3
+    """
+
+    architecture: ClassVar[str] = "reft"
+    method: ClassVar[str] = "reft"
+    checks: ClassVar[dict[str, Check]] = {
+        "layers": _reft_layers, "prefix_positions": _positions, "suffix_positions": _positions, "r": _size,
+        "orthogonality": _bool, "tied_weights": _bool, "subtract_projection": _bool, "dropout": _probability,
+        "non_linearity": _optional(_non_linearity), "dtype": _optional(_choice(*DTYPES)),
+        "output_reft": lambda v: None if v is True else "must be True (the layer output is ReFT's only location)",
+        "init_weights_seed": _seed,
+    }
+
+    layers: str | tuple[int, ...]
+    prefix_positions: int
+    suffix_positions: int
+    r: int
+    orthogonality: bool
+    tied_weights: bool = False
+    subtract_projection: bool = True
+    dropout: float = 0.05
+    non_linearity: str | None = None
+    dtype: str | None = None
+    output_reft: bool = True
+    init_weights_seed: int | None = None
+
+    def check_combination(self) -> None:
+        if self.prefix_positions == 0 and self.suffix_positions == 0:
+            self._fail("prefix_positions", "and suffix_positions are both 0: the adapter would intervene nowhere")
+
+
+@dataclass(frozen=True)
+class LoReftConfig(ReftConfig):
+    """LoReFT: low-rank linear subspace ReFT, ``h + R^T (W h + b - R h)`` with orthonormal rows of R."""
+
+    layers: str | tuple[int, ...] = "all"
+    prefix_positions: int = 3
+    suffix_positions: int = 0
+    r: int = 1
+    orthogonality: bool = True
+
+
+@dataclass(frozen=True)
+class NoReftConfig(ReftConfig):
+    """LoReFT without the orthogonality constraint on R."""
+
+    layers: str | tuple[int, ...] = "all"
+    prefix_positions: int = 3
+    suffix_positions: int = 0
+    r: int = 1
+    orthogonality: bool = False
+
+
+@dataclass(frozen=True)
+class DiReftConfig(ReftConfig):
+    """DiReFT: no orthogonality and no subtraction, ``h + R^T (W h + b)``."""
+
+    layers: str | tuple[int, ...] = "all"
+    prefix_positions: int = 3
+    suffix_positions: int = 0
+    r: int = 1
+    orthogonality: bool = False
+    subtract_projection: bool = False
+
+
 def _union_parts(v: Any) -> str | None:
     if not v:
         return "must hold at least one config"
@@ -838,7 +968,8 @@ def _places(config: AdapterConfig) -> list[str]:
     if isinstance(config, BnConfig):
         return [f"a bottleneck adapter at {loc}" for loc, on in (("mh", config.mh_adapter), ("output", config.output_adapter),
                                                                    ("the embedding output", bool(config.inv_adapter))) if on]
-    return [f"{config.architecture} at every attention"]
+    where = {"prefix_tuning": "every attention", "prompt_tuning": "the embedding output", "reft": "the layers' outputs"}
+    return [f"{config.architecture} at {where.get(config.architecture, 'its places')}"]
 
 
 def _expect(field: str, value: Any, klass: type) -> Any:
@@ -912,6 +1043,11 @@ CONFIGS: dict[str, AdapterConfig] = {
     # AdapterHub 1.3.0's LoRA variants.
     "dora": DoRAConfig(),
     "vera": VeraConfig(),
+    # AdapterHub 1.3.0's ReFT family.
+    "loreft": LoReftConfig(),
+    "noreft": NoReftConfig(),
+    "direft": DiReftConfig(),
+    "prompt_tuning": PromptTuningConfig(),
 }
 
 

@@ -28,6 +28,7 @@ class InputSpec:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # each tensor input's dtype in the graph
     sizes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # dynamic sizes as symbols or expressions (None: fixed)
     bounds: dict[Any, tuple[int, int | None]] = field(default_factory=dict)  # each size symbol's range
+    optional: tuple[str, ...] = ()  # inputs a call may leave out (labels): the graph then takes None, as the model does
 
     def __post_init__(self) -> None:
         # Made once, here: a call's checks then only read plain data (torch.compile traces them).
@@ -45,7 +46,8 @@ class InputSpec:
         Inputs of another dtype are cast as the model would cast them (a bool or float 0/1
         ``attention_mask`` to the captured integer dtype, any floating input to the captured float
         dtype); sizes are checked against the captured graph's (the model's position limit, lengths
-        that must agree between inputs, no empty dimension). Keyword-only calls take plain dictionary
+        that must agree between inputs, no empty dimension). Inputs in ``optional`` may be left out
+        (the graph gets None: no loss without labels). Keyword-only calls take plain dictionary
         steps (torch.compile traces them whole)."""
         self._check_names(model_name, kwargs)
         values = self._bind_positional(model_name, args, kwargs) if args else dict(kwargs)
@@ -62,6 +64,9 @@ class InputSpec:
             if values.get(name) is None:
                 if name in self.defaults and values.get(self.main) is not None:
                     values[name] = self.defaults[name](values[self.main])
+                elif name in self.optional:
+                    values[name] = None
+                    continue
                 else:
                     raise InputError(f"{model_name} needs input {name!r} (captured inputs: {', '.join(self.names)})")
             self._check_shape(model_name, name, values[name])

@@ -660,6 +660,9 @@ def _size_field(config: AdapterConfig, placement: Placement | None, weights: nn.
         if placement is None:
             return "phm_dim"  # the PHM weights an adapter shares across layers
         return "inv_adapter_reduction_factor" if placement.method == "invertible" else "reduction_factor"
+    for field in ("prompt_length", "r"):  # prompt tuning; ReFT
+        if hasattr(config, field):
+            return field
     return "configs"
 
 

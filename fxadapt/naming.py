@@ -12,6 +12,8 @@ container              module path                                       ``adapt
 ``invertible_adapters``  ``invertible_adapters.<name>``                  ``invertible_adapters.<param>``
 ``shared_parameters``  ``shared_parameters.<name>``                      ``shared_parameters.<param>``
 ``prefix_tunings``     ``prefix_tunings.<name>``                         ``prefix_tunings.<param>``
+``prompt_tunings``     ``prompt_tunings.<name>``                         ``prompt_tunings.<param>``
+``refts``              ``<layer module>.refts.<name>``                   ``<layer module>.refts.<param>``
 =====================  ===============================================  ==========================
 
 The first two (weights *at* a linear) drop the container with the name in their keys; the others
@@ -30,12 +32,15 @@ PREFIX_GATES = "prefix_gates"
 INVERTIBLE = "invertible_adapters"
 SHARED = "shared_parameters"
 PREFIX_TUNINGS = "prefix_tunings"
+PROMPT_TUNINGS = "prompt_tunings"
+REFTS = "refts"
 
 #: Containers of weights that sit at a linear: their keys leave the container out.
 AT_LINEAR = (LORAS, ADAPTERS)
 #: Every container, with the AdapterHub architecture whose weights it holds.
 CONTAINERS = {LORAS: "lora", ADAPTERS: "bottleneck", SHARED: "bottleneck", INVERTIBLE: "bottleneck",
-              PREFIX_TUNINGS: "prefix_tuning", PREFIX_GATES: "prefix_tuning"}
+              PREFIX_TUNINGS: "prefix_tuning", PREFIX_GATES: "prefix_tuning",
+              PROMPT_TUNINGS: "prompt_tuning", REFTS: "reft"}
 
 
 def join(*parts: str) -> str:

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import functools
+import heapq
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .ops import ACTIVATIONS, CASTS, MATMUL, METADATA, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, example_shape, op_name
+from .errors import FxAdaptError, SiteError
+from .ops import ACTIVATIONS, CASTS, DROPOUT, MATMUL, METADATA, MOVEMENT, SDPA, SELECTING, SOFTMAX, concrete, op_name
+from .ops import example_shape as _example_shape
 
-__all__ = ["Site", "Linear", "Block", "Attention", "Anatomy", "anatomy", "analyse", "find_sites", "find_blocks", "find_attentions", "ROLES", "LINEAR_OPS"]
+__all__ = ["Site", "Linear", "Block", "Attention", "Anatomy", "anatomy", "analyse", "find_input_embeddings", "find_sites", "find_blocks", "find_attentions", "ROLES", "LINEAR_OPS"]
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 _ROLE_ORDER = {r: i for i, r in enumerate(("q", "k", "v", "o", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_in", "ffn_out"))}
@@ -92,7 +96,8 @@ class Block:
     projection) or a feed-forward block (``"output"``, after ``ffn_out``).
 
     ``add`` is the residual add node, ``residual_arg`` the index of its argument that carries the
-    block's input. ``tail`` is the sublayer's output; ``direct`` says it is the add's other argument
+    block's input. ``tail`` is the sublayer's output as it is summed, after its own output transforms
+    (a norm of the sublayer output, Gemma2; a scale, Granite and BEiT); ``direct`` says it is the add's other argument
     (False in parallel-residual layers, GPT-J or Falcon, where attention and feed-forward outputs
     are summed before the residual comes in). ``norm`` lists, for a post-LN block (BERT), the nodes
     of the normalisation applied to the sum, its output last; for a pre-LN block (GPT-2, Llama,
@@ -152,12 +157,62 @@ class Anatomy:
     linears: dict[str, Linear]
     blocks: list[Block]
     attentions: list[Attention]
+    embeddings: tuple[str, ...] = ()  # tables the first block's input looks up by a graph input, largest first
+    unmatched: tuple[tuple[Site, str], ...] = ()  # o / ffn_out sites that close no residual block, and why
 
 
+def _named_errors(fn):
+    """Site analysis raises SiteError naming the node it was analysing, never a raw torch or sympy error."""
+
+    @functools.wraps(fn)
+    def wrapped(gm, *args, **kwargs):
+        try:
+            return fn(gm, *args, **kwargs)
+        except FxAdaptError:
+            raise
+        except Exception as e:
+            node = _failing_node(e.__traceback__)
+            at = f" at node {node.name} ({node.format_node()})" if node is not None else ""
+            raise SiteError(f"site analysis of {type(gm).__name__} failed{at}: {type(e).__name__}: {e}") from e
+
+    return wrapped
+
+
+def _failing_node(tb) -> Node | None:
+    """The graph node that the innermost frame of this module was working on when an error rose."""
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__") == __name__:
+            nodes = [v for v in frame.f_locals.values() if isinstance(v, Node)]
+            found = frame.f_locals.get("node") if isinstance(frame.f_locals.get("node"), Node) else (nodes[0] if nodes else found)
+        tb = tb.tb_next
+    return found
+
+
+@_named_errors
 def anatomy(gm: GraphModule, model_name: str = "model") -> Anatomy:
-    """Analyse a captured graph: its sites, linears, attentions and residual blocks."""
+    """Analyse a captured graph: its sites, linears, attentions, residual blocks and input embeddings."""
     sites, linears, attentions = analyse(gm)
-    return Anatomy(model_name, sites, linears, find_blocks(gm, sites, attentions), attentions)
+    unmatched: list[tuple[Site, str]] = []
+    blocks = find_blocks(gm, sites, attentions, unmatched)
+    return Anatomy(model_name, sites, linears, blocks, attentions, find_input_embeddings(gm, blocks), tuple(unmatched))
+
+
+def find_input_embeddings(gm: GraphModule, blocks: list[Block]) -> tuple[str, ...]:
+    """The weight paths of the embedding tables (``aten.embedding``) that the first block's residual
+    input (the embedding output) looks up with a graph input as indices, largest first: the word
+    embeddings lead (positions are computed, not inputs; token types are fewer than words)."""
+    if not blocks:
+        return ()
+    by_name = {n.name: n for n in gm.graph.nodes}
+    tables = {}
+    for node in _ancestors(by_name[blocks[0].residual]):
+        if op_name(node) == "embedding" and isinstance(node.args[1], Node) and node.args[1].op == "placeholder":
+            weight = _param(gm, node.args[0])
+            if weight is not None:
+                tables[node.args[0].target] = weight.shape[0]
+    return tuple(sorted(tables, key=lambda t: -tables[t]))
 
 
 @dataclass
@@ -181,6 +236,7 @@ def find_attentions(gm: GraphModule) -> list[Attention]:
     return analyse(gm)[2]
 
 
+@_named_errors
 def analyse(gm: GraphModule) -> tuple[list[Site], dict[str, Linear], list[Attention]]:
     """Sites, linears and attentions of a captured graph, in one pass of the dataflow analysis."""
     nodes = list(gm.graph.nodes)
@@ -188,7 +244,7 @@ def analyse(gm: GraphModule) -> tuple[list[Site], dict[str, Linear], list[Attent
     attentions = _find_attentions(nodes, linear_of)
     columns = _column_maps(gm, nodes, linear_of)
     origin = _propagate_origins(nodes, linear_of, attentions, columns)
-    sites, described = _assign_roles(nodes, linears, linear_of, attentions, origin)
+    sites, described = _assign_roles(nodes, linears, linear_of, attentions, origin, _constants(nodes))
     sites.sort(key=lambda s: (s.layer if s.layer is not None else -1, _ROLE_ORDER.get(s.role, 99), s.path))
     return sites, linears, described
 
@@ -329,6 +385,20 @@ def _column_maps(gm: GraphModule, nodes: list[Node], linear_of) -> dict[Node, tu
     return maps
 
 
+def example_shape(node: Node) -> tuple[int, ...] | None:
+    """The node's output shape with symbolic sizes made concrete (``ops.example_shape``), or, where
+    that fails, the sizes of the example inputs the capture ran on: setting every free size to 2
+    divides by zero in windowed attention (Swin's ``(h // window) * (w // window)`` windows)."""
+    try:
+        return _example_shape(node)
+    except ArithmeticError:
+        val = node.meta.get("val")
+        hints = [s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+        if any(h is None for h in hints):
+            raise
+        return tuple(int(h) for h in hints)
+
+
 def _numel(shape) -> int:
     out = 1
     for s in shape:
@@ -401,14 +471,27 @@ def _propagate_origins(nodes, linear_of, attentions, columns) -> dict[Node, _Ori
                     merged[source] = (cols, act)
             if name in ACTIVATIONS and merged:
                 merged = {s: (c, True) for s, (c, _) in merged.items()}
+            if name == "add" and _junction(node, origin):
+                # A residual add joins the outputs of different sublayers: the sum is the residual
+                # stream, which reads no projection of its own (an attention that reads it without a
+                # projection, a pooling head's packed in_proj, has no q/k/v site there). Carrying
+                # every earlier layer's sources along the stream would also cost layers x nodes.
+                merged = empty
             origin[node] = merged or empty
     return origin
+
+
+def _junction(add: Node, origin) -> bool:
+    """Whether both operands of ``add`` carry sources and no source is on both sides (RoPE's
+    ``q * cos + rotate(q) * sin`` has the same source on both)."""
+    sides = [set(origin.get(a, {})) for a in add.all_input_nodes]
+    return len(sides) == 2 and all(sides) and not (sides[0] & sides[1])
 
 
 # -- roles -----------------------------------------------------------------------------------
 
 
-def _assign_roles(nodes, linears, linear_of, attentions, origin) -> list[Site]:
+def _assign_roles(nodes, linears, linear_of, attentions, origin, constants) -> list[Site]:
     order = {n: i for i, n in enumerate(nodes)}
     x_of = {n: n.args[i] for n, (_, i) in linear_of.items()}
     roles: dict[tuple[str, str], tuple[int, frozenset[int] | None]] = {}  # (weight, role) -> (layer, columns)
@@ -463,7 +546,7 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin) -> list[Site]:
     att_order = sorted(att_layer, key=order.__getitem__)
     for node in linear_of:
         inputs = {s: act for s, (_, act) in origin.get(x_of[node], {}).items() if s in linear_of and linear_of[s][0] not in taken}
-        if linear_of[node][0] in taken or not any(inputs.values()) or not _adds_to_residual(node, [x_of[s] for s in inputs]):
+        if linear_of[node][0] in taken or not any(inputs.values()) or not _adds_to_residual(node, [x_of[s] for s in inputs], order, constants):
             continue
         first = min(order[s] for s in inputs)
         before = [a for a in att_order if order[a] < first]
@@ -504,35 +587,97 @@ def _qkv_sources(att: _Attention, sources, x_of):
     return q, k, v
 
 
-# How far _adds_to_residual looks. From a feed-forward down projection to its residual add there
-# are at most a dropout, a scale (layer scale, ``residual_multiplier``), a cast and reshapes: six
-# hops cover every block seen, while a down projection feeding another layer's attention (no
-# feed-forward) does not reach an add of its own input in six. The up projections' inputs derive
-# from the residual within a norm and casts: 48 nodes back cover a norm written out op by op
-# (RMSNorm with its casts is ~10) with room, and stay inside one layer (a layer is hundreds).
-_RESIDUAL_HOPS = 6
+# How far _adds_to_residual looks back: the up projections' inputs derive from the residual within
+# a norm and casts. 48 nodes back cover a norm written out op by op (RMSNorm with its casts is ~10)
+# with room, and stay inside one layer (a layer is hundreds).
 _RESIDUAL_DEPTH = 48
 
 
-def _adds_to_residual(down: Node, up_inputs: list[Node], hops: int = _RESIDUAL_HOPS, depth: int = _RESIDUAL_DEPTH) -> bool:
-    """Whether ``down``'s output is added (within a few hops) to a value the up projections' inputs derive from."""
+def _adds_to_residual(down: Node, up_inputs: list[Node], order, constants, depth: int = _RESIDUAL_DEPTH) -> bool:
+    """Whether ``down``'s output, through its output transforms (and sums with parallel sublayers),
+    is added to the residual stream the up projections' inputs derive from."""
     ancestors, frontier = set(up_inputs), list(up_inputs)
     for _ in range(depth):
         frontier = [p for n in frontier for p in n.all_input_nodes if p not in ancestors]
         ancestors.update(frontier)
-    reached, frontier = {down}, [down]
-    for _ in range(hops):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                name = op_name(user)
-                if name == "add" and any(a in ancestors for a in user.all_input_nodes if a not in reached):
-                    return True
-                if (name in MOVEMENT or name in ("dropout", "mul", "div", "add")) and user not in reached:
-                    reached.add(user)
-                    nxt.append(user)
-        frontier = nxt
-    return False
+    return _residual_add(down, ancestors, order, constants)[0] is not None
+
+
+# Ops a sublayer's output may pass on its way to the residual add, besides reshapes and dropout:
+# a norm of the sublayer output (Gemma2's post-attention norm, Swin v2's res-post-norm, written out
+# op by op or as one op), a scalar or per-channel scale (Granite's residual_multiplier, BEiT's layer
+# scale), Swin's cyclic shift (roll). Their other operands must be constants (weights, eps).
+_OUTPUT_TRANSFORMS = MOVEMENT | DROPOUT | frozenset(
+    """roll mul div add sub neg pow square sqrt rsqrt reciprocal mean var var_mean layer_norm native_layer_norm
+    rms_norm _fused_rms_norm""".split())
+# A norm written out is ~15 nodes with its casts and reshapes; 64 leaves room and stays in one layer.
+_CHAIN_LIMIT = 64
+# Sums with other sublayers' outputs (parallel attention and feed-forward) followed to the residual.
+_PARALLEL_SUMS = 4
+
+
+def _constants(nodes) -> set[Node]:
+    """Nodes that depend on no graph input: weights and what is computed from them (Gemma's
+    ``1 + weight``), and sizes (not tensors)."""
+    out: set[Node] = set()
+    for node in nodes:
+        if node.op == "get_attr" or op_name(node) in METADATA or (
+                node.op in ("call_function", "call_method") and all(p in out for p in node.all_input_nodes)):
+            out.add(node)
+    return out
+
+
+def _first_add(start: Node, order, constants, limit: int = _CHAIN_LIMIT) -> tuple[Node | None, int, str]:
+    """The first add (in graph order) that sums ``start``'s output, through output transforms, with
+    a value from elsewhere; the index of that other operand; and, when there is none, why."""
+    chain, heap, seen = {start}, [(order[u], u) for u in start.users], set()
+    heapq.heapify(heap)
+    stop = "it has no users"
+    while heap:
+        _, node = heapq.heappop(heap)
+        if node in seen:
+            continue
+        seen.add(node)
+        name = op_name(node)
+        if name not in _OUTPUT_TRANSFORMS:
+            stop = f"the output reaches {node.name} ({name or node.op}) before any residual add"
+            continue
+        # Reshapes and dropout carry their first operand; the rest are sizes, indices and rates.
+        values = node.args[:1] if name in MOVEMENT or name in DROPOUT else node.all_input_nodes
+        others = [a for a in values if isinstance(a, Node) and a not in chain and a not in constants]
+        if not others:
+            if len(chain) >= limit:
+                return None, -1, f"no residual add within {limit} output transforms"
+            chain.add(node)
+            for user in node.users:
+                heapq.heappush(heap, (order[user], user))
+        elif name == "add" and len(node.args) >= 2 and len(others) == 1 and node.args[0] is not node.args[1]:
+            return node, (0 if node.args[0] is others[0] else 1), ""
+        else:
+            stop = f"the output is combined with {others[0].name} at {node.name} ({name})"
+    return None, -1, stop
+
+
+def _is_stream(node: Node, before: set[Node]) -> bool:
+    """Whether ``node`` is the residual stream a sublayer read: one of its input's ancestors, or
+    such an ancestor plus another parallel sublayer's output (Cohere's ``residual + attn + mlp``)."""
+    return node in before or (op_name(node) == "add" and any(a in before for a in node.all_input_nodes))
+
+
+def _residual_add(projection: Node, before: set[Node], order, constants) -> tuple[Node | None, int, Node | None, bool, str]:
+    """The residual add a sublayer's output reaches: (add, index of the residual operand, the
+    sublayer's value summed, whether it is the add's own operand, why none was found)."""
+    current, tail, direct = projection, None, True
+    for _ in range(_PARALLEL_SUMS):
+        add, arg, why = _first_add(current, order, constants)
+        if add is None:
+            return None, -1, None, False, why
+        tail = tail if tail is not None else add.args[1 - arg]
+        if _is_stream(add.args[arg], before):
+            return add, arg, tail, direct, ""
+        # A parallel-residual layer sums its sublayers before the residual comes in (GPT-J).
+        current, direct = add, False
+    return None, -1, None, False, f"no residual add after {_PARALLEL_SUMS} sums with other sublayers"
 
 
 def _make_sites(roles, linears: dict[str, Linear]) -> list[Site]:
@@ -568,18 +713,25 @@ def _as_columns(cols: frozenset[int] | None, width: int) -> Sequence[int] | None
 # -- residual blocks -------------------------------------------------------------------------
 
 _BLOCK_LOCATIONS = {"o": "mh", "ffn_out": "output"}
-_SUBLAYER_TAIL = MOVEMENT | {"dropout", "feature_dropout", "alpha_dropout"}
 
 
-def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] = ()) -> list[Block]:
+@_named_errors
+def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] = (),
+                unmatched: list[tuple[Site, str]] | None = None) -> list[Block]:
     """The residual blocks closed by the ``o`` and ``ffn_out`` sites, in graph order.
 
-    A block is post-LN when the next block's residual input is a normalisation of this block's
-    sum; its ``norm`` holds that normalisation's nodes. The last block of a stack takes the style
-    of the others, its normalisation being the chain of nodes every use of the sum runs through.
+    The residual add is the first add that sums the projection's output, through output transforms
+    whose other operands are constants (dropout, reshapes, a norm of the sublayer output, a scalar
+    or per-channel scale), with the residual stream the projection's input derives from. A block is
+    post-LN when the next block's residual input is a normalisation of this block's sum; its
+    ``norm`` holds that normalisation's nodes. The last block of a stack takes the style of the
+    others, its normalisation being the chain of nodes every use of the sum runs through. Sites
+    whose output reaches no residual add are appended to ``unmatched`` with the reason.
     """
-    by_name = {n.name: n for n in gm.graph.nodes}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = list(gm.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    order = {n: i for i, n in enumerate(nodes)}
+    constants = _constants(nodes)
     # A projection shared by several layers (ALBERT) closes one block per call: its layer is that of
     # the attention before the call.
     att_order = sorted(((order[by_name[a.node]], a.layer) for a in attentions if not a.cross))
@@ -591,25 +743,14 @@ def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] 
         if len(site.linear.nodes) > 1 and att_order:
             layer = max((l for i, l in att_order if i < order[projection]), default=site.layer)
             site = dataclasses.replace(site, layer=layer)
-        # The sublayer output runs through dropout / reshapes to the residual add. The residual is
-        # an input the sublayer itself derives from; a sum with another sublayer's output first
-        # (parallel attention and feed-forward) is followed on to the residual add.
+        # The residual is an input the sublayer itself derives from; a sum with another sublayer's
+        # output first (parallel attention and feed-forward) is followed on to the residual add.
         before = _ancestors(projection.args[LINEAR_OPS[op_name(projection)][0]])
-        tail = current = _through_tail(projection)
-        direct = True
-        # A parallel-residual layer sums its sublayers before the residual comes in (GPT-J adds
-        # attention and feed-forward outputs first): follow up to four such sums.
-        for _ in range(4):
-            current = _through_tail(current)
-            adds = [u for u in current.users if op_name(u) == "add" and len(u.all_input_nodes) == 2]
-            if len(adds) != 1:
-                break
-            add = adds[0]
-            arg = 1 if add.args[0] is current else 0
-            if add.args[arg] in before:
-                found.append((site.layer, location, add, arg, site, tail, direct))
-                break
-            current, direct = add, False
+        add, arg, tail, direct, why = _residual_add(projection, before, order, constants)
+        if add is not None:
+            found.append((site.layer, location, add, arg, site, tail, direct))
+        elif unmatched is not None:
+            unmatched.append((site, why))
     found.sort(key=lambda f: order[f[2]])
 
     norms: list[tuple[Node, ...] | None] = []  # None: last block of a stack, decided below
@@ -624,12 +765,6 @@ def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] 
         blocks.append(Block(layer, location, add.name, residual_arg, tuple(n.name for n in norm if n.users),
                             site.linear.out_features, site.path, site.weight, add.args[residual_arg].name, tail.name, direct))
     return blocks
-
-
-def _through_tail(node: Node) -> Node:
-    while len(node.users) == 1 and op_name(next(iter(node.users))) in _SUBLAYER_TAIL:
-        node = next(iter(node.users))
-    return node
 
 
 # A bound on the ancestors collected for the residual test above: the residual input of a block is
@@ -654,7 +789,8 @@ _PASS_THROUGH = MOVEMENT - SELECTING
 
 def _region(add: Node, residual: Node, order: dict[Node, int]) -> tuple[Node, ...] | None:
     """Nodes on the paths from ``add`` to the next block's residual input; () if they only cast or
-    reshape (pre-LN); None if that input does not come from ``add`` (another stack starts)."""
+    reshape (pre-LN); None if that input does not come from ``add`` or a projection lies between them
+    (another stack starts)."""
     if residual is add:
         return ()
     forward, frontier = {add}, [add]
@@ -671,6 +807,8 @@ def _region(add: Node, residual: Node, order: dict[Node, int]) -> tuple[Node, ..
             if parent in forward and parent is not add and parent not in region:
                 region.add(parent)
                 frontier.append(parent)
+    if any(op_name(n) in LINEAR_OPS or op_name(n) in MATMUL for n in region):
+        return None  # a projection between the blocks (Swin's patch merging): another stack starts
     if all(op_name(n) in _PASS_THROUGH for n in region):
         return ()
     return tuple(sorted(region, key=order.__getitem__))

@@ -394,7 +394,11 @@ def test_pattern_fields_validate_and_round_trip():
 # -- AdapterHub fixtures -----------------------------------------------------------------------------
 
 # Every fixture: each model's bottleneck, Compacter, invertible, prefix, union, LoRA and (IA)^3 adapters.
-ADAPTERHUB_CASES = sorted((d.parent.name, d.name) for d in FIXTURES.glob("*/*") if d.is_dir() and d.name != "base")
+# Fixtures with a test of their own: AdapterHub's VeRA (full D and B matrices, A and B not saved:
+# tests/test_adapterhub_lora_variants.py), DiReFT (AdapterHub saves it as NoReFT: tests/test_reft.py) and
+# prompt tuning (the prompt positions in the output: tests/test_prompt_tuning.py).
+OWN_TESTS = {"vera", "variant_vera", "direft", "prompt_tuning"}
+ADAPTERHUB_CASES = sorted((d.parent.name, d.name) for d in FIXTURES.glob("*/*") if d.is_dir() and d.name not in {"base", *OWN_TESTS})
 
 
 @functools.lru_cache(maxsize=None)
@@ -477,9 +481,9 @@ def test_adapterhub_registry_names_unknown_architectures(tmp_path):
     _, gm = captured("bert")
     write_adapterhub_lora(tmp_path, adapterhub_lora_tensors())
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    meta["config"]["architecture"] = "reft"
+    meta["config"]["architecture"] = "mtl_lora"
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="no converter for AdapterHub architecture 'reft'") as e:
+    with pytest.raises(CheckpointError, match="no converter for AdapterHub architecture 'mtl_lora'") as e:
         gm.load_adapter(tmp_path)
     assert e.value.path.endswith("adapter_config.json")
     assert "lora" in fxadapt.checkpoint.ADAPTERHUB_CONVERTERS

@@ -153,9 +153,9 @@ def test_console_script():
 PUBLIC = {
     "AdaptedModule", "AdapterConfig", "AdapterError", "BnConfig", "CONFIGS", "CompacterConfig", "CompacterPlusPlusConfig",
     "ConfigUnion", "DoubleSeqBnConfig", "DoubleSeqBnInvConfig", "HoulsbyConfig", "HoulsbyInvConfig", "MAMConfig", "ParBnConfig",
-    "ParallelConfig", "PfeifferConfig", "PfeifferInvConfig", "PrefixTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "UniPELTConfig",
+    "ParallelConfig", "PfeifferConfig", "PfeifferInvConfig", "PrefixTuningConfig", "PromptTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "UniPELTConfig",
     "CaptureError", "CheckpointError", "ConfigError", "DrawError", "ExportError", "FxAdaptError", "IA3Config", "InputError",
-    "LoRAConfig", "LoHaConfig", "LoKrConfig", "DoRAConfig", "VeraConfig", "MergeError", "Site", "SiteError", "capture", "draw", "errors", "export", "rewrite",
+    "LoRAConfig", "LoHaConfig", "LoKrConfig", "DoRAConfig", "VeraConfig", "ReftConfig", "LoReftConfig", "NoReftConfig", "DiReftConfig", "MergeError", "Site", "SiteError", "capture", "draw", "errors", "export", "rewrite",
 }
 
 _FRESH = """

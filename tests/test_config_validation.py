@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 import fxadapt
 from conftest import captured, inputs_for, perturb_, restored
 from fxadapt.config import (CONFIGS, AdapterConfig, BnConfig, CompacterConfig, CompacterPlusPlusConfig, ConfigUnion, DoRAConfig, DoubleSeqBnConfig,
-                            DoubleSeqBnInvConfig, IA3Config, LoRAConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig,
+                            DoubleSeqBnInvConfig, IA3Config, LoRAConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, PromptTuningConfig, SeqBnConfig,
                             SeqBnInvConfig, UniPELTConfig, VeraConfig)
+from fxadapt.config import DiReftConfig, LoReftConfig, NoReftConfig
 from fxadapt.testing import assert_outputs_close, assert_unchanged, rounding_tolerance, snapshot
 
 # -- the reference: what each field accepts, written plainly -------------------------------------
@@ -104,6 +105,17 @@ PREFIX_FIELDS = {
     "bottleneck_size": size, "non_linearity": activation, "dropout": probability, "use_gating": boolean, "shared_gating": boolean,
     "init_weights_seed": seed,
 }
+PROMPT_FIELDS = {
+    "prompt_length": size, "prompt_init": one_of("random_uniform", "from_string"), "prompt_init_text": optional(lambda v: type(v) is str and v != ""),
+    "random_uniform_scale": non_negative, "combine": one_of("prefix", "prefix_after_bos"), "init_weights_seed": seed,
+    "prompt_init_ids": optional(lambda v: _is_list(v) and len(v) > 0 and all(type(i) is int and 0 <= i < 2**31 for i in v)),
+}
+REFT_FIELDS = {
+    "layers": lambda v: v == "all" and type(v) is str or layers(v), "prefix_positions": lambda v: type(v) is int and 0 <= v <= 2**31,
+    "suffix_positions": lambda v: type(v) is int and 0 <= v <= 2**31, "r": size, "orthogonality": boolean, "tied_weights": boolean,
+    "subtract_projection": boolean, "dropout": probability, "non_linearity": optional(activation),
+    "dtype": optional(one_of("float32", "float16", "bfloat16", "float64")), "output_reft": lambda v: v is True, "init_weights_seed": seed,
+}
 # Per class: the reference of each field, and the fields whose rules join several fields (checked
 # after every field is valid on its own: (IA)^3 needs r=1 and no dropout, a config must select a place...).
 CLASSES = {
@@ -114,6 +126,8 @@ CLASSES = {
     **{c: (BN_FIELDS, {"inv_adapter_reduction_factor", "reduction_factor", "output_adapter"}) for c in (
         BnConfig, SeqBnConfig, SeqBnInvConfig, DoubleSeqBnConfig, DoubleSeqBnInvConfig, ParBnConfig, CompacterConfig, CompacterPlusPlusConfig)},
     PrefixTuningConfig: (PREFIX_FIELDS, set()),
+    PromptTuningConfig: (PROMPT_FIELDS, {"prompt_init_ids"}),
+    **{c: (REFT_FIELDS, {"prefix_positions", "suffix_positions"}) for c in (LoReftConfig, NoReftConfig, DiReftConfig)},
 }
 
 
@@ -221,6 +235,14 @@ ADAPTERHUB_DEFAULTS = {
                         "init_weights": "ia3"}),
     "dora": (DoRAConfig, {**LORA, "use_dora": True}),
     "vera": (VeraConfig, {**LORA, "vera_d": 0.1, "vera_b": 0.0, "init_weights": "vera"}),
+    # AdapterHub's random_uniform_scale is a class attribute, not a field: its JSON leaves it out.
+    "prompt_tuning": (PromptTuningConfig, {"architecture": "prompt_tuning", "prompt_length": 10, "prompt_init": "random_uniform",
+                                           "prompt_init_text": None, "combine": "prefix", "init_weights_seed": None}),
+    # AdapterHub's subtract_projection is a class attribute, not a field: its JSON leaves it out.
+    **{cid: (cls, {"architecture": "reft", "layers": "all", "prefix_positions": 3, "suffix_positions": 0, "r": 1, "orthogonality": ortho,
+                   "tied_weights": False, "dropout": 0.05, "non_linearity": None, "dtype": None, "output_reft": True,
+                   "init_weights_seed": None})
+       for cid, cls, ortho in (("loreft", LoReftConfig, True), ("noreft", NoReftConfig, False), ("direft", DiReftConfig, False))},
     "mam": (MAMConfig, [(PrefixTuningConfig, {**PREFIX, "bottleneck_size": 800}), (ParBnConfig, {**BN, **PAR})]),
     "unipelt": (UniPELTConfig, [(PrefixTuningConfig, {**PREFIX, "prefix_length": 10, "use_gating": True}),
                                 (SeqBnConfig, {**BN, "use_gating": True}), (LoRAConfig, {**LORA, "alpha": 2, "use_gating": True})]),

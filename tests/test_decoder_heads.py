@@ -92,3 +92,47 @@ def test_captured_with_labels_a_call_may_still_pass_a_mask():
             ours, ref = gm(**call), model(**call)
         assert_outputs_close(ours.logits, ref.logits, rtol=RTOL)
         assert_outputs_close(ours.loss, ref.loss, rtol=RTOL)
+
+
+LABELLED = {
+    "llama-causal": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**_DECODER)), "CAUSAL_LM"),
+    "llama-seq": (HEADS["llama-seq"], "SEQ_CLS"),
+}
+
+
+@pytest.mark.parametrize("head", list(LABELLED))
+def test_captured_with_labels_calls_may_leave_them_out(head):
+    """Captured with labels: with them, the loss and the adapter's gradients are PEFT's (same weights);
+    without them, loss None and the same logits, as the model gives. The causal LM's example passes one
+    tensor as input_ids and labels: the graph still takes them apart (a call's labels differ)."""
+    build, task = LABELLED[head]
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(3, 100, (2, 8))
+    gm = fxadapt.capture(copy.deepcopy(model), example_kwargs={"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.tensor([0, 2])})
+    assert gm._fx_inputs.optional == ("labels",)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                          init_lora_weights=False)).eval()
+    gm.add_adapter("lora", fxadapt.LoRAConfig(r=4, alpha=8), set_active=True)
+    state = gm.adapter_state_dict("lora")
+    pairs = []
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                path, param = name.removeprefix("base_model.model.").replace(".default", "").rsplit(".", 2)[:2]
+                state[f"{path}.{param}"].copy_(p)
+                pairs.append((state[f"{path}.{param}"], p))
+    inputs = _inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100) if task == "CAUSAL_LM" else torch.tensor([1, 0, 2])
+    ours, ref = gm(**inputs, labels=labels), theirs(**inputs, labels=labels)
+    assert_outputs_close(ours.logits, ref.logits, rtol=RTOL)
+    assert_outputs_close(ours.loss, ref.loss, rtol=RTOL)
+    ours.loss.backward()
+    ref.loss.backward()
+    for mine, theirs_p in pairs:
+        assert relative_error(mine.grad, theirs_p.grad) < RTOL
+    with torch.no_grad():
+        for call in (inputs, {"input_ids": inputs["input_ids"]}):
+            plain, want = gm(**call), theirs(**call)
+            assert plain.loss is None and "loss" not in plain.keys()
+            assert_outputs_close(plain.logits, want.logits, rtol=RTOL)

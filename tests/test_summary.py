@@ -103,7 +103,9 @@ def _adapterhub_state_dict(config_id: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("config_id", sorted(SHAPES["adapters"]))
+# AdapterHub's VeRA trains full (r, r) and (out, out) matrices where VeRA (and PEFT, and fxadapt) train
+# vectors: its count differs by design (tests/test_adapterhub_lora_variants.py checks the difference).
+@pytest.mark.parametrize("config_id", sorted(set(SHAPES["adapters"]) - {"vera"}))
 def test_parameter_names_and_shapes_are_adapterhubs(roberta_base, config_id, tmp_path):
     """AdapterHub's parameters of each adapter on roberta-base, written as AdapterHub writes them, load
     into fxadapt's adapter of the same config: load_adapter requires every tensor fxadapt creates to be

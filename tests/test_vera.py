@@ -154,7 +154,8 @@ def test_scaling_goes_into_b_in_peft_format(tmp_path):
         assert_outputs_close(back(**inputs)[0], expected, rtol=RTOL, mask=inputs["attention_mask"])
 
 
-def test_torch_export_with_dynamic_shapes():
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_torch_export_with_dynamic_shapes_and_compile():
     model, gm = captured_one_layer("bert")
     with restored(gm, "x"):
         gm.add_adapter("x", fxadapt.VeraConfig(r=4, init_weights_seed=0, intermediate_lora=True), set_active=True)
@@ -168,6 +169,18 @@ def test_torch_export_with_dynamic_shapes():
                 got, want = program.module()(**inputs)[0], gm(**inputs)[0]
                 assert relative_error(want, model(**inputs)[0]) > 100 * RTOL
                 assert_outputs_close(got, want, rtol=rounding_tolerance(torch.float32, 64))
+        # Compiled whole, forward and backward (aot_eager: the graph-break check without inductor's minute here).
+        compiled, inputs = torch.compile(gm, fullgraph=True, backend="aot_eager"), inputs_for(model)
+        got, want = compiled(**inputs)[0], gm(**inputs)[0]
+        assert_outputs_close(got, want, rtol=rounding_tolerance(torch.float32, 64))
+        got.square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in gm.adapter_state_dict("x").items() if p.grad is not None}
+        gm.zero_grad(set_to_none=True)
+        want.square().mean().backward()
+        theirs = gm.adapter_state_dict("x")
+        assert grads and all(assert_outputs_close(g, theirs[k].grad, rtol=rounding_tolerance(torch.float32, 64)) is None for k, g in grads.items())
+        gm.zero_grad(set_to_none=True)
+
 
 
 def test_summary_counts_and_default_init_is_the_base():

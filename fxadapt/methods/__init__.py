@@ -9,7 +9,7 @@ load without torch), and names the method with ``config.method``.
 
 from __future__ import annotations
 
-from . import bottleneck, dora, ia3, invertible, loha, lokr, lora, prefix, vera
+from . import bottleneck, dora, ia3, invertible, loha, lokr, lora, prefix, prompt, reft, vera
 from .base import Method
 
 __all__ = ["METHODS", "Method"]
@@ -25,4 +25,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     bottleneck.METHOD,
     invertible.METHOD,
     prefix.METHOD,
+    prompt.METHOD,
+    reft.METHOD,
 )}

@@ -257,9 +257,17 @@ def _build_shared(config: BnConfig, placements: list[Placement], like: torch.Ten
 def place(name: str, config: BnConfig, anatomy: Anatomy) -> list[Placement]:
     """One adapter per selected residual block, and the invertible adapter on the embedding output."""
     blocks, model_name = anatomy.blocks, anatomy.model_name
-    if not blocks:
-        raise SiteError(f"{type(config).__name__} needs residual blocks after attention / feed-forward projections; {model_name} has none")
     wanted = {"mh": config.mh_adapter, "output": config.output_adapter}
+    # The first o / ffn_out projection whose output reaches no residual add (sites.find_blocks says why).
+    failing = next(((s, why) for s, why in anatomy.unmatched
+                    if wanted["mh" if s.role == "o" else "output"] and s.layer not in config.leave_out), None)
+    if not blocks:
+        because = f": {failing[0].path} ({failing[0].role}, layer {failing[0].layer}) does not close one, {failing[1]}" if failing else ""
+        raise SiteError(f"{type(config).__name__} needs residual blocks after attention / feed-forward projections; {model_name} has none{because}")
+    if failing is not None:
+        site, why = failing
+        raise SiteError(f"{type(config).__name__}: the {site.role} projection {site.path} (layer {site.layer}) of {model_name} closes no "
+                        f"residual block for the adapter to sit at: {why}; leave_out=[{site.layer}] skips that layer")
     shared = (weights_path(SHARED, name),) if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) else ()
     placements = []
     for block in blocks:

@@ -15,19 +15,33 @@ with ``B = 0`` leaves the model as it is. Merged: ``W' = (m / n)[:, None] * (W +
 Where: as LoRA (``select_sites``, ``site_path``). A fused projection (GPT-2's ``c_attn``) gets one DoRA
 per role: the norm and magnitude are per output row, so a role owns its rows of ``W`` (its columns
 of the output) and the other rows stay as they are.
+
+AdapterHub 1.3.0 computes DoRA otherwise (``adapters/methods/lora.py``, ``LoRALinear.forward``):
+``y = m / ||W + B A|| * (W x + b + scaling B A x)``: its norm leaves ``scaling`` out, and the bias is
+inside the magnitude's scale. Its checkpoints (``<linear>.loras.<name>.m.weight`` (out, 1) next to
+LoRA's A and B) load with ``m * ||W + scaling B A|| / ||W + B A||`` as the magnitude (the same factor,
+so the same outputs) where the projection has no bias (or a zero one); with a bias no fxadapt DoRA
+computes AdapterHub's ``(m / n) * b``, and :func:`read_adapterhub` refuses the checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..config import LoRAConfig
-from ..errors import ConfigError
+from ..config import DoRAConfig, LoRAConfig
+from ..errors import CheckpointError, ConfigError
+from ..formats.common import AdapterHubCheckpoint, Converted
 from ..placement import Placement
 from ..sites import Anatomy, Site
 from .base import Emitter, Method
-from .lora import LoRAWeights, as_weight, gate_location, out_in, select_sites, site_path, weights_dtype
+from .lora import LoRAWeights, as_weight, convert_adapterhub, gate_location, out_in, select_sites, site_path, weights_dtype
+
+if TYPE_CHECKING:
+    from ..module import AdaptedModule
 
 aten = torch.ops.aten
 
@@ -143,6 +157,54 @@ def place(name: str, config: LoRAConfig, anatomy: Anatomy) -> list[Placement]:
         raise ConfigError(f"{type(config).__name__}.use_gating: DoRA takes no gate (UniPELT gates plain LoRA); set use_gating=False, "
                           f"got {config.use_gating!r}", field="use_gating", value=config.use_gating)
     return [Placement(name, "dora", s, site_path(name, s), config) for s in select_sites(config, anatomy)]
+
+
+# -- AdapterHub checkpoints ----------------------------------------------------------------
+
+
+def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub's DoRA (a "lora" config with ``use_dora``): LoRA's A and B as they are, and the magnitude
+    ``m.weight`` (out, 1) made fxadapt's (PEFT's) ``magnitude`` (out,), times ``||W + scaling B A|| /
+    ||W + B A||`` (the model's W) when ``scaling != 1``, so that ``magnitude / ||W + scaling B A||`` is
+    AdapterHub's factor ``m / ||W + B A||``. A projection with a nonzero bias is a CheckpointError:
+    AdapterHub scales the bias by that factor too, which fxadapt's (PEFT's) DoRA does not."""
+    marker = f".loras.{ckpt.name}.m.weight"
+    tensors = {(k[: -len("m.weight")] + "magnitude" if k.endswith(marker) else k): (t.reshape(-1) if k.endswith(marker) else t)
+               for k, t in ckpt.tensors.items()}
+    converted, where = convert_adapterhub(gm, dataclasses.replace(ckpt, tensors=tensors), DoRAConfig, ckpt.config)
+    for key, p in where.items():
+        if key.endswith(".lora_A"):
+            _check_bias(gm, ckpt, p)
+    config = converted.config
+    for key, p in where.items():
+        scaling = config.scaling_for(p.site.path)
+        if not key.endswith(".magnitude") or scaling == 1.0:
+            continue
+        prefix = key[: -len("magnitude")]
+        a, b, m = (converted.tensors.get(prefix + n) for n in ("lora_A", "lora_B", "magnitude"))
+        if a is None or b is None or m.shape != (p.site.out_features,):
+            continue  # load_adapter reports what is missing or misshapen
+        with torch.no_grad():
+            w = _rows(out_in(gm.get_parameter(p.site.weight).detach(), p.site), p.site).double()
+            ba = b.double() @ a.double()
+            ratio = torch.linalg.norm(w + scaling * ba, dim=1) / torch.linalg.norm(w + ba, dim=1)
+            converted.tensors[key] = (m.double() * ratio).to(m.dtype)
+    return converted
+
+
+def _check_bias(gm: AdaptedModule, ckpt: AdapterHubCheckpoint, p: Placement) -> None:
+    lin = p.site.linear
+    if lin.bias is None:
+        return
+    bias = gm.get_parameter(lin.bias).detach()
+    if p.site.columns is not None:
+        bias = bias[torch.as_tensor(list(p.site.columns), device=bias.device)]
+    if bool((bias != 0).any()):
+        raise CheckpointError(
+            f"{ckpt.config_path}: AdapterHub's DoRA cannot be read exactly on {p.site.path}, which has a bias: AdapterHub computes "
+            f"y = m / ||W + B A|| * (W x + b + scaling B A x), scaling the bias by the magnitude factor, while fxadapt's DoRA (as PEFT's) "
+            f"computes y = m / ||W + scaling B A|| * (W x + scaling B A x) + b; no magnitude makes the two agree while b != 0",
+            path=ckpt.config_path)
 
 
 METHOD = Method("dora", "lora", DoRAWeights, insert_dora, place, fold_dora, gate_location=gate_location)

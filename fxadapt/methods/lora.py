@@ -227,15 +227,28 @@ def gate_location(p: Placement) -> str:
 def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
     """AdapterHub LoRA and (IA)^3: ``<module>.loras.<name>.lora_A`` (r, in) / ``lora_B`` (out, r), or
     for (IA)^3 ``lora_B`` (out, 1). A fused projection (GPT-2's ``c_attn``) stores its roles' parts
-    stacked in column order: A's rows and B's rows split evenly between fxadapt's per-role sites."""
+    stacked in column order: A's rows and B's rows split evenly between fxadapt's per-role sites.
+    DoRA (``use_dora``) and VeRA (``vera_d`` / ``vera_b``) checkpoints, of the same architecture
+    "lora", are read by :mod:`.dora` and :mod:`.vera` (AdapterHub computes both differently from PEFT)."""
     c = ckpt.config
-    for name, off in (("use_dora", False), ("vera_d", None), ("vera_b", None)):
-        if c.get(name, off) != off:
-            raise CheckpointError(f"{ckpt.config_path}: AdapterHub LoRA option {name}={c[name]!r} is not supported", path=ckpt.config_path)
+    if c.get("use_dora", False) is True and c.get("composition_mode", "add") == "add":
+        from .dora import read_adapterhub as read_dora
+        return read_dora(gm, ckpt)
+    if (c.get("vera_d") is not None or c.get("vera_b") is not None) and c.get("composition_mode", "add") == "add":
+        from .vera import read_adapterhub as read_vera
+        return read_vera(gm, ckpt)
     ia3 = c.get("composition_mode") == "scale"
-    cls = IA3Config if ia3 else LoRAConfig
+    return convert_adapterhub(gm, ckpt, IA3Config if ia3 else LoRAConfig, c)[0]
+
+
+def convert_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint, cls: type[LoRAConfig],
+                       fields: dict) -> tuple[Converted, dict[str, Placement]]:
+    """The LoRA-style conversion: a ``cls`` config of ``fields`` (AdapterHub's, unknown ones dropped) and
+    ``ckpt.tensors`` (``<module>.loras.<name>.<param>``) keyed by the placements' state keys, with the
+    placement of each key. The DoRA and VeRA readers hand it tensors already renamed to fxadapt's params."""
+    ia3 = fields.get("composition_mode") == "scale"
     known = {f.name for f in dataclasses.fields(cls)}
-    config = ckpt.make_config(cls, **{k: v for k, v in c.items() if k in known})
+    config = ckpt.make_config(cls, **{k: v for k, v in fields.items() if k in known})
     grouped, rest = ckpt.modules(gm, LORAS)
     placements = ckpt.placements(place, gm, config)
     layer_of = {s.path: s.layer for s in gm._fx_sites}
@@ -245,6 +258,7 @@ def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
         config = config.replace(selfattn_lora=False, intermediate_lora=False, output_lora=False, targets=tuple(sorted(grouped)))
         placements = ckpt.placements(place, gm, config)
     tensors, sources = dict(rest), {k: k for k in rest}
+    where: dict[str, Placement] = {}
     by_path: dict[str, list[Placement]] = {}
     for p in placements:
         by_path.setdefault(p.site.path, []).append(p)
@@ -261,7 +275,9 @@ def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
             for p, chunk in zip(parts or [None], chunks):
                 k = key if p is None else state_key(p.module, "adapter", ours)
                 put(tensors, sources, k, chunk, key, ckpt.weights_path)
-    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
+                if p is not None:
+                    where[k] = p
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources), where
 
 
 METHOD = Method("lora", "lora", LoRAWeights, insert_lora, place, fold_lora, gate_location=gate_location, adapterhub=read_adapterhub)

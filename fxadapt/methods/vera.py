@@ -12,22 +12,38 @@ that role's columns. ``d`` and ``b`` live where LoRA's weights do (``<linear>.lo
 names ``vera_lambda_d`` / ``vera_lambda_b``); ``A`` and ``B`` in ``shared_parameters.<name>`` (where
 AdapterHub keeps them) as ``vera_A`` / ``vera_B``: parameters, so that they are saved with the
 adapter, but frozen (``train_adapter`` leaves them fixed).
+
+AdapterHub 1.3.0's VeRA (``adapters/methods/lora.py``, ``Vera``) trains full matrices, not vectors:
+``vera_D`` (r, r) and ``vera_B`` (out, out), initialised to ``diag(vera_d)`` and ``diag(vera_b)``, with
+``y + scaling * vera_B B vera_D A x`` (the same order: b outside, d inside). Its shared A and B have the
+shape of the first adapted projection (projections of other shapes fail in AdapterHub itself), and
+``save_adapter`` on a bare model leaves them out of the file (as Compacter's PHM rule).
+:func:`read_adapterhub` reads a checkpoint whose matrices are diagonal as this VeRA, and one with
+nonzero off-diagonal entries (any trained one) as the LoRA it equals: ``B' = vera_B B``,
+``A' = vera_D A``, the same ``scaling``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import LoRAConfig
-from ..errors import ConfigError, MergeError
+from ..config import LoRAConfig, VeraConfig
+from ..errors import CheckpointError, ConfigError, MergeError
+from ..formats.common import AdapterHubCheckpoint, Converted
 from ..naming import SHARED, weights_path
 from ..placement import Placement
 from ..sites import Anatomy, Site
 from .base import Emitter, Method, columns_tensor
-from .lora import fold_lora, select_sites, site_path, weights_dtype
+from .lora import convert_adapterhub, fold_lora, select_sites, site_path, weights_dtype
+
+if TYPE_CHECKING:
+    from ..module import AdaptedModule
 
 aten = torch.ops.aten
 
@@ -157,6 +173,96 @@ def place(name: str, config: LoRAConfig, anatomy: Anatomy) -> list[Placement]:
         raise ConfigError(f"{type(config).__name__}.use_gating is not supported for VeRA", field="use_gating", value=True)
     shared = (weights_path(SHARED, name),)
     return [Placement(name, "vera", s, site_path(name, s), config, shared=shared) for s in select_sites(config, anatomy)]
+
+
+# -- AdapterHub checkpoints --------------------------------------------------------------------------
+
+
+def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
+    """AdapterHub's VeRA (a "lora" config with ``vera_d`` / ``vera_b``): per projection
+    ``<linear>.loras.<name>.vera_D`` (r, r) and ``vera_B`` (out, out), and the shared
+    ``shared_parameters.<name>.lora_A`` (r, in) / ``lora_B`` (out, r). Diagonal matrices everywhere: this
+    VeRA, their diagonals as ``vera_lambda_d`` / ``vera_lambda_b``. Otherwise the exact LoRA
+    ``lora_B = vera_B B``, ``lora_A = vera_D A`` (a warning says so). A and B absent (AdapterHub leaves them
+    out on a bare model): drawn again as AdapterHub draws them when the config has ``init_weights_seed``;
+    else a new draw with a warning for the VeRA, a CheckpointError for the LoRA (it would bake the draw in)."""
+    name = ckpt.name
+    shared_keys = {which: [k for k in ckpt.tensors if k == f"shared_parameters.{name}.{which}" or k.endswith(f".shared_parameters.{name}.{which}")]
+                   for which in ("lora_A", "lora_B")}
+    shared = {which: ckpt.tensors[keys[0]] for which, keys in shared_keys.items() if keys}
+    taken = {k for keys in shared_keys.values() for k in keys}
+    per_site = {k: t for k, t in ckpt.tensors.items() if k not in taken}
+    vectors = {"vera_D": "vera_lambda_d", "vera_B": "vera_lambda_b"}
+    mats = [t for k, t in per_site.items() if k.rsplit(".", 1)[-1] in vectors]
+    diagonal = all(t.ndim == 2 and t.shape[0] == t.shape[1] and torch.equal(t, torch.diag(torch.diagonal(t))) for t in mats)
+    if diagonal:
+        per_site = {(k[: -len(k.rsplit(".", 1)[-1])] + vectors[k.rsplit(".", 1)[-1]] if k.rsplit(".", 1)[-1] in vectors else k):
+                    (torch.diagonal(t).clone() if k.rsplit(".", 1)[-1] in vectors else t) for k, t in per_site.items()}
+    converted, where = convert_adapterhub(gm, dataclasses.replace(ckpt, tensors=per_site), VeraConfig, ckpt.config)
+    sites = list(dict.fromkeys(p.site for p in where.values()))
+    if len(shared) < 2:
+        if not sites:
+            raise CheckpointError(f"{ckpt.weights_path}: no VeRA weights of adapter {name!r}", path=ckpt.weights_path)
+        shared = _redraw(ckpt, converted.config, sites[0], diagonal) | shared
+    a, b = shared["lora_A"], shared["lora_B"]
+    sources = {"lora_A": shared_keys["lora_A"][0] if shared_keys["lora_A"] else "(drawn)",
+               "lora_B": shared_keys["lora_B"][0] if shared_keys["lora_B"] else "(drawn)"}
+    if diagonal:
+        converted.tensors["shared_parameters.vera_A"], converted.tensors["shared_parameters.vera_B"] = a, b
+        converted.sources.update({"shared_parameters.vera_A": sources["lora_A"], "shared_parameters.vera_B": sources["lora_B"]})
+        return converted
+    # Full matrices: the LoRA B' = vera_B B, A' = vera_D A of each projection (AdapterHub's product, regrouped).
+    warnings.warn(f"{ckpt.weights_path}: AdapterHub's VeRA matrices vera_D / vera_B are not diagonal (AdapterHub trains them whole), "
+                  "so no VeRA (vectors d, b) computes them: the adapter is loaded as the LoRA it equals, lora_A = vera_D A, "
+                  "lora_B = vera_B B", stacklevel=4)
+    config = ckpt.make_config(LoRAConfig, **{**dataclasses.asdict(converted.config), "vera_d": None, "vera_b": None, "init_weights": "lora"})
+    tensors, lora_sources = {}, {}
+    for key, t in converted.tensors.items():
+        prefix, _, param = key.rpartition(".")
+        source = converted.sources.get(key, key)
+        if param in vectors and key in where:
+            factor, which = (a, "lora_A") if param == "vera_D" else (b, "lora_B")
+            if t.ndim != 2 or t.shape[-1] != factor.shape[0]:
+                raise CheckpointError(f"{ckpt.weights_path}: {source} of shape {tuple(t.shape)} does not fit the shared {which} of shape "
+                                      f"{tuple(factor.shape)} (AdapterHub shares the first projection's A and B)",
+                                      path=ckpt.weights_path, tensor=source)
+            key = f"{prefix}.{which}"
+            t = (t.double() @ factor.double()).to(t.dtype)
+        tensors[key], lora_sources[key] = t, source
+    return Converted(ckpt.name, config, tensors, ckpt.weights_path, lora_sources)
+
+
+def _redraw(ckpt: AdapterHubCheckpoint, config: LoRAConfig, site: Site, diagonal: bool) -> dict[str, torch.Tensor]:
+    """A (r, in) and B (out, r) of ``site``'s shape, as AdapterHub's ``init_shared_vera_parameters`` draws
+    them: after ``torch.manual_seed(init_weights_seed)`` when the seed is set (exact), else anew."""
+    seed = config.init_weights_seed
+    if not seed:  # AdapterHub's fix_seed ignores 0 and None: its draw came from the global random state
+        if not diagonal:
+            raise CheckpointError(f"{ckpt.weights_path}: AdapterHub's VeRA shared A and B (shared_parameters.{ckpt.name}.lora_A / "
+                                  "lora_B) are not in the file (AdapterHub 1.3.0's save_adapter leaves them out on a model without "
+                                  "heads) and init_weights_seed is not set, so they cannot be drawn again; its vera_D / vera_B are "
+                                  "not diagonal, so it is read as the LoRA vera_B B, vera_D A, which needs them: add them to the file",
+                                  path=ckpt.weights_path)
+        warnings.warn(f"{ckpt.weights_path} has no VeRA A and B (shared_parameters.{ckpt.name}.lora_A / lora_B): AdapterHub 1.3.0 does "
+                      "not save them and init_weights_seed is not set. The adapter starts from new ones, so its outputs differ from "
+                      "the saved model's; load the ones you trained with into adapter_state_dict()['shared_parameters.vera_A'] "
+                      "and ['shared_parameters.vera_B']", stacklevel=5)
+    with torch.random.fork_rng(devices=[]):
+        if seed:
+            torch.manual_seed(seed)
+        a, b = torch.zeros(config.r, site.in_features), torch.zeros(site.out_features, config.r)
+        if config.init_weights == "vera":
+            nn.init.kaiming_uniform_(a)
+            nn.init.kaiming_uniform_(b)
+        elif config.init_weights == "lora":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif config.init_weights == "bert":
+            nn.init.normal_(a, std=0.02)
+            nn.init.normal_(b, std=0.02)
+        else:  # "ia3"
+            nn.init.ones_(a)
+            nn.init.ones_(b)
+    return {"lora_A": a, "lora_B": b}
 
 
 METHOD = Method("vera", "lora", VeraWeights, insert_vera, place, fold_lora, build_shared=build_shared)
