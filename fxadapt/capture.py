@@ -8,6 +8,7 @@ import functools
 import inspect
 import operator
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,13 +19,24 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 from .inputs import InputSpec
-from .module import AdaptedModule
 from .ops import op_name
 from .passes.dropout import dropout_nodes, make_mode_aware, record_training_rates
 
-__all__ = ["capture", "InputSpec", "transformers_example_inputs"]
+__all__ = ["capture", "trace", "Captured", "InputSpec", "transformers_example_inputs"]
 
 _MISSING = object()
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What the capture stage gives: the model's graph, the signature its calls are checked and bound
+    by (None: calls pass through unchanged), the model it came from (its parameters are the graph's),
+    and the example inputs it ran on (None for a symbolic trace)."""
+
+    graph: GraphModule
+    inputs: InputSpec | None
+    model: nn.Module
+    example: tuple[tuple, dict] | None = None
 
 
 def capture(
@@ -34,7 +46,8 @@ def capture(
     *,
     dynamic_shapes: Any = None,
 ):
-    """Capture ``model`` as an :class:`~fxadapt.AdaptedModule` with no adapters yet.
+    """Capture ``model`` as an :class:`~fxadapt.AdaptedModule` with no adapters yet (:func:`trace`,
+    then the module that holds adapters around the graph).
 
     With example inputs, or for a transformers model (inputs made from ``model.config``), the front
     end is ``torch.export.export(..., strict=False)`` and every dimension of every tensor input stays
@@ -50,8 +63,23 @@ def capture(
     >>> gm(torch.randn(3, 4)).shape
     torch.Size([3, 4])
     """
+    from .module import AdaptedModule  # the stage below knows nothing of the module built on it
 
     if isinstance(model, AdaptedModule):
+        raise CaptureError("this model is already an AdaptedModule: add adapters to it with add_adapter()")
+    return AdaptedModule.from_captured(trace(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes))
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+) -> Captured:
+    """The capture stage: ``model`` as a graph with its input spec (see :func:`capture` for the
+    front ends and what is captured)."""
+    if hasattr(model, "_fx_adapters"):
         raise CaptureError("this model is already an AdaptedModule: add adapters to it with add_adapter()")
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() takes an nn.Module, got {type(model).__name__}")
@@ -72,7 +100,7 @@ def capture(
     main = None
     if not args and not kwargs:
         if not hf:
-            return AdaptedModule._create(_symbolic_trace(model), None, model)
+            return Captured(_symbolic_trace(model), None, model)
         kwargs = transformers_example_inputs(model)
         main = model.main_input_name
         spec_defaults = {k: v for k, v in _CALL_DEFAULTS.items() if k in kwargs and k != main}
@@ -113,9 +141,7 @@ def capture(
         spec = None  # the graph takes *args: calls pass through unchanged
     elif type(exported.graph._codegen) is _PyTreeCodeGen:
         exported.graph._codegen.__class__ = _FlagsCodeGen  # the same generator; see _FlagsCodeGen
-    gm = AdaptedModule._create(exported, spec, model)
-    gm._fx_example = (args, kwargs)  # fxadapt.export's default example inputs
-    return gm
+    return Captured(exported, spec, model, (args, kwargs))
 
 
 # What transformers models do with these inputs when they are omitted.
@@ -245,7 +271,14 @@ def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     auto = torch.export.Dim.AUTO
 
     def spec(x):
-        return {i: auto for i in range(x.ndim)} if isinstance(x, torch.Tensor) else None
+        if not isinstance(x, torch.Tensor):
+            return None
+        if x.is_floating_point() and x.ndim >= 4:
+            # Images (and video) keep their spatial sizes, only the batch is dynamic: vision models fix
+            # them (patch grids, position tables), and a symbolic window partition (Swin) costs torch.export
+            # minutes. dynamic_shapes makes them dynamic where a model allows it.
+            return {0: auto}
+        return {i: auto for i in range(x.ndim)}
 
     signature = _signature(model)
     if signature is None:

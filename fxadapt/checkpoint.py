@@ -8,7 +8,7 @@ AdapterHub's tensors are converted by the method whose architecture they hold.
 - fxadapt: ``fxadapt_config.json`` (``format``, ``fxadapt_version``, adapter ``name``, ``config`` as
   ``AdapterConfig.to_dict()``, the ``modules`` it adapts) + ``fxadapt_model.safetensors`` (the
   tensors of ``adapter_state_dict``). Round trips are bit for bit.
-- PEFT (LoRA, (IA)^3): ``adapter_config.json`` with ``peft_type`` + ``adapter_model.safetensors``
+- PEFT (LoRA, DoRA, VeRA, (IA)^3, LoHa, LoKr): ``adapter_config.json`` with ``peft_type`` + ``adapter_model.safetensors``
   (or ``adapter_model.bin``); keys ``base_model.model.<module>.lora_A.weight`` / ``.ia3_l``.
 - AdapterHub: ``adapter_config.json`` with ``config`` + ``adapter.safetensors`` or
   ``pytorch_adapter.bin``, converted by ``ADAPTERHUB_CONVERTERS[config["architecture"]]``.
@@ -101,7 +101,7 @@ class CheckpointMixin:
         ``format="fxadapt"``: ``fxadapt_config.json`` + ``fxadapt_model.safetensors``, for every method;
         loading it back gives bit-identical outputs. ``format="peft"``: ``adapter_config.json`` +
         ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(model, directory)`` loads,
-        for LoRA and (IA)^3. PEFT adapts whole modules, so fxadapt's per-role LoRA on a fused projection
+        for LoRA, DoRA, VeRA, (IA)^3, LoHa and LoKr. PEFT adapts whole modules, so fxadapt's per-role LoRA on a fused projection
         (GPT-2's ``c_attn`` q and v parts) is written as one LoRA on the whole module with block
         structure (stacked A, block-diagonal B, rank = sum of the parts' ranks, alpha keeping the
         scaling): the same function, exactly. (IA)^3 with ``alpha != 1`` is written with the vector
@@ -143,7 +143,7 @@ class CheckpointMixin:
 
     def load_adapter(self: AdaptedModule, directory: str | os.PathLike, name: str | None = None, *, set_active: bool = False,
                      key_mapping: dict[str, str] | None = None) -> str:
-        """Load an adapter saved by fxadapt, PEFT (LoRA, (IA)^3) or AdapterHub; return its name.
+        """Load an adapter saved by fxadapt, PEFT (LoRA, DoRA, VeRA, (IA)^3, LoHa, LoKr) or AdapterHub; return its name.
 
         The format is detected from the files. ``name`` defaults to the name in the file (fxadapt,
         AdapterHub) or ``"lora"`` / ``"ia3"`` (PEFT). Module paths in the file are matched to the

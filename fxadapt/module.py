@@ -23,13 +23,13 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.fx import GraphModule
 
-from .inputs import InputSpec
 from .checkpoint import CheckpointMixin
 from .config import AdapterConfig, BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
 from .errors import AdapterError, ConfigError, InputError, MergeError
@@ -46,6 +46,9 @@ from .placement import Placement
 from .plan import annotate, plan
 from .sites import Anatomy, Site, anatomy
 from .summary import SummaryRow, format_summary
+
+if TYPE_CHECKING:
+    from .capture import Captured
 
 __all__ = ["AdaptedModule"]
 
@@ -95,7 +98,9 @@ class AdaptedModule(CheckpointMixin, GraphModule):
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def _create(cls, root: GraphModule, inputs: InputSpec | None, model: nn.Module) -> AdaptedModule:
+    def from_captured(cls, captured: Captured) -> AdaptedModule:
+        """The module around a captured graph (``fxadapt.capture`` makes it), with no adapters yet."""
+        root, inputs, model = captured.graph, captured.inputs, captured.model
         gm = cls(root, root.graph, "AdaptedModule")
         _copy_state(root, gm)
         if not hasattr(gm, RATE_MODULE):
@@ -106,6 +111,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_model_name = type(model).__name__
         gm.__dict__["_fx_source"] = model  # for merge_and_unload; not registered: it would list the weights twice
         gm._fx_inputs = inputs
+        gm._fx_example = captured.example  # fxadapt.export's default example inputs
         gm._fx_base = copy_graph(root.graph)
         gm._fx_anatomy: Anatomy = anatomy(root, gm._fx_model_name)
         gm._fx_gates = GateRecorder()

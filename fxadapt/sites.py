@@ -45,12 +45,23 @@ LINEAR_OPS = {
     "addmm": (1, 2, 0, True),
     "matmul": (0, 1, None, True),
     "mm": (0, 1, None, True),
+    # A convolution whose kernel is 1 everywhere, stride 1, no padding, is a linear over its channel
+    # dim (SqueezeBERT's Conv1d projections); _conv_groups says which convolutions are.
+    "conv1d": (0, 1, 2, False),
+    "conv2d": (0, 1, 2, False),
+    "conv3d": (0, 1, 2, False),
+    "convolution": (0, 1, 2, False),
 }
+_CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution"})
 
 
 @dataclass(frozen=True)
 class Linear:
-    """A weight read by linear-like nodes: ``y = x W^T + b`` (or ``x W + b`` when ``transposed``)."""
+    """A weight read by linear-like nodes: ``y = x W^T + b`` (or ``x W + b`` when ``transposed``).
+
+    A 1x1 convolution is a linear over its channel dim: ``channel_dim`` counts from the end (-2 for
+    a Conv1d's (N, C, L), -3 for a Conv2d's; -1 for a linear), its weight is (out, in / groups, 1, ...),
+    and ``groups`` > 1 makes it block-diagonal (``in_features`` counts every input channel)."""
 
     path: str
     weight: str
@@ -59,6 +70,13 @@ class Linear:
     in_features: int
     out_features: int
     nodes: tuple[str, ...]
+    groups: int = 1
+    channel_dim: int = -1
+
+    @property
+    def conv(self) -> bool:
+        """Whether this is a 1x1 convolution (channels not last)."""
+        return self.channel_dim != -1
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,7 @@ class Attention:
     weight: str  # the query projection's weight
     scores: str | None = None
     softmax: str | None = None
+    batch_first: bool = True  # the layer input's dim 0 is the batch (not nn.MultiheadAttention's (L, N, E))
 
 
 @dataclass(frozen=True)
@@ -242,7 +261,7 @@ def analyse(gm: GraphModule) -> tuple[list[Site], dict[str, Linear], list[Attent
     nodes = list(gm.graph.nodes)
     linears, linear_of = _find_linears(gm, nodes)
     attentions = _find_attentions(nodes, linear_of)
-    columns = _column_maps(gm, nodes, linear_of)
+    columns = _column_maps(gm, nodes, linear_of, linears)
     origin = _propagate_origins(nodes, linear_of, attentions, columns)
     sites, described = _assign_roles(nodes, linears, linear_of, attentions, origin, _constants(nodes))
     sites.sort(key=lambda s: (s.layer if s.layer is not None else -1, _ROLE_ORDER.get(s.role, 99), s.path))
@@ -285,19 +304,45 @@ def _find_linears(gm: GraphModule, nodes: list[Node]) -> tuple[dict[str, Linear]
             continue
         w_node, flipped = _weight_node(node.args[w_i])
         weight = _param(gm, w_node)
-        if weight is None or weight.ndim != 2:
+        conv = op_name(node) in _CONVS
+        groups = _conv_groups(node, weight) if conv else 1
+        if weight is None or groups is None or (not conv and weight.ndim != 2):
             continue
         transposed ^= flipped
         bias_node = node.args[b_i] if b_i is not None and len(node.args) > b_i else node.kwargs.get("bias")
         bias = bias_node.target if _param(gm, bias_node) is not None else None
         target = w_node.target
-        out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1] * groups)
         entry = found.setdefault(target, dict(path=target.rpartition(".")[0], weight=target, bias=bias,
-                                              transposed=transposed, in_features=in_f, out_features=out_f, nodes=[]))
+                                              transposed=transposed, in_features=in_f, out_features=out_f, nodes=[],
+                                              groups=groups, channel_dim=1 - weight.ndim))
         entry["nodes"].append(node.name)
         linear_of[node] = (target, x_i)
     linears = {k: Linear(**{**v, "nodes": tuple(v["nodes"])}) for k, v in found.items()}
     return linears, linear_of
+
+
+def _conv_groups(node: Node, weight: torch.Tensor | None) -> int | None:
+    """The groups of a convolution that is a linear over its channel dim (kernel 1 everywhere,
+    stride 1, no padding, not transposed: each position's output reads only its own input), else None."""
+    if weight is None or weight.ndim < 3 or any(k != 1 for k in weight.shape[2:]):
+        return None
+    spatial = weight.ndim - 2
+    schema = ("stride", "padding", "dilation", "transposed", "output_padding", "groups") if op_name(node) == "convolution" \
+        else ("stride", "padding", "dilation", "groups")
+    args = dict(zip(schema, node.args[3:]), **node.kwargs)
+
+    def ints(v, default):  # [1] and 1 both mean 1 along every spatial dim
+        v = default if v is None else v
+        return [int(x) for x in v] * (spatial if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [int(v)] * spatial
+
+    padding = args.get("padding", 0)
+    if isinstance(padding, str):  # "valid", or "same", which for a kernel of 1 is no padding either
+        padding = 0
+    if ints(args.get("stride"), 1) != [1] * spatial or ints(padding, 0) != [0] * spatial or args.get("transposed", False) \
+            or any(ints(args.get("output_padding"), 0)):
+        return None
+    return int(args.get("groups", 1))
 
 
 # -- attention -------------------------------------------------------------------------------
@@ -353,7 +398,7 @@ def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
 # -- columns of fused projections ------------------------------------------------------------
 
 
-def _column_maps(gm: GraphModule, nodes: list[Node], linear_of) -> dict[Node, tuple[Node, frozenset[int]]]:
+def _column_maps(gm: GraphModule, nodes: list[Node], linear_of, linears) -> dict[Node, tuple[Node, frozenset[int]]]:
     """For nodes that select part of a projection's output: (projection node, output columns they hold).
 
     Column indices are pushed through the movement ops after the projection (views, permutes,
@@ -368,8 +413,10 @@ def _column_maps(gm: GraphModule, nodes: list[Node], linear_of) -> dict[Node, tu
         shape = example_shape(node)
         if shape is None:
             continue
-        width = shape[-1]
-        env = {node: torch.arange(width).repeat(max(1, _numel(shape[:-1])), 1).reshape(shape)}
+        # The columns run along the last dim, or the channel dim of a 1x1 convolution.
+        dim = linears[linear_of[node][0]].channel_dim
+        width = shape[dim]
+        env = {node: torch.arange(width).view([width] + [1] * (-1 - dim)).expand(shape).contiguous()}
         try:
             for n in chain:
                 env[n] = _run_movement(gm, n, env)
@@ -397,13 +444,6 @@ def example_shape(node: Node) -> tuple[int, ...] | None:
         if any(h is None for h in hints):
             raise
         return tuple(int(h) for h in hints)
-
-
-def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _movement_chain(start: Node) -> list[Node]:
@@ -530,7 +570,8 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin, constants) -> l
             q_lin = linears[linear_of[q_node][0]]
             described.append(Attention(layer, cross, "sdpa" if op_name(att.out) in SDPA else "matmul", att.out.name,
                                        q_node.name, width // head_dim, head_dim, q_lin.in_features, q_lin.weight,
-                                       att.scores[0][2].name if att.scores else None, att.softmax.name if att.softmax else None))
+                                       att.scores[0][2].name if att.scores else None, att.softmax.name if att.softmax else None,
+                                       _batch_first(sequence_input(x_of[q_node]), att.k, width // head_dim)))
 
     # o: the projection(s) reading an attention's output.
     taken = {w for (w, _) in roles}
@@ -564,6 +605,20 @@ def sequence_input(node: Node) -> Node:
     while op_name(node) in MOVEMENT and (example_shape(node) or (0, 0, 0)).__len__() < 3 and isinstance(node.args[0], Node):
         node = node.args[0]
     return node
+
+
+def _batch_first(x: Node, keys: Node, kv_heads: int) -> bool:
+    """Whether the layer input ``x`` holds the batch in dim 0, as the keys do (batch, heads, ...) or
+    with batch and heads flattened; not so for a sequence-first input (nn.MultiheadAttention's (L, N, E))."""
+    xv, kv = x.meta.get("val"), keys.meta.get("val")
+    if not isinstance(xv, torch.Tensor) or not isinstance(kv, torch.Tensor) or xv.ndim < 2:
+        return True  # no shapes to tell: as most models are
+
+    def expr(size):
+        return size.node.expr if isinstance(size, torch.SymInt) else size
+
+    batch = expr(kv.shape[0]) if kv.ndim == 4 else expr(kv.shape[0]) / kv_heads
+    return bool(expr(xv.shape[0]) - batch == 0)
 
 
 def _last_dim(node) -> int | None:
@@ -739,6 +794,13 @@ def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] 
     for site, projection in ((s, by_name[n]) for s in sites for n in s.linear.nodes):
         location = _BLOCK_LOCATIONS.get(site.role)
         if location is None:
+            continue
+        if site.linear.conv:
+            # Its sum holds channels before the positions (SqueezeBERT's (N, C, L)): the methods
+            # placed at blocks (bottleneck, ReFT, prompts) read features last.
+            if unmatched is not None:
+                unmatched.append((site, f"it is a 1x1 convolution: the residual stream it adds to holds channels in dim "
+                                        f"{site.linear.channel_dim}, and adapters at residual blocks need features last"))
             continue
         if len(site.linear.nodes) > 1 and att_order:
             layer = max((l for i, l in att_order if i < order[projection]), default=site.layer)

@@ -27,6 +27,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 if os.environ.get("FXADAPT_FLUSH_DENORMAL") == "1" and not torch.set_flush_denormal(True):
     raise RuntimeError("FXADAPT_FLUSH_DENORMAL=1, but this CPU cannot flush denormals")
 
+# Under pytest-xdist (README's test command runs two workers, one per core) each worker computes on one
+# thread: the tiny models of these tests gain nothing from a second thread, and two workers with two
+# threads each would contend for the cores.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
 H = 32
 _ENCODER = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
 _DECODER = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,

@@ -148,6 +148,17 @@ def test_a_projection_between_stages_is_no_post_ln_norm():
     assert all(b.norm == () for b in gm._fx_blocks)
 
 
+def test_a_windowed_model_captures_by_default_with_a_dynamic_batch():
+    """Images keep their spatial sizes by default (a symbolic window partition took torch.export
+    minutes): Swin captures in seconds, with the static capture's sites, at any batch size."""
+    model, _, static = _captured("swin")
+    gm = fxadapt.capture(model)
+    assert [(s.layer, s.role, s.path) for s in gm._fx_anatomy.sites] == [(s.layer, s.role, s.path) for s in static._fx_anatomy.sites]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert_outputs_close(gm(pixel_values=x).last_hidden_state, model(pixel_values=x).last_hidden_state, rtol=RTOL)
+
+
 # -- LoRA against PEFT on the same modules -------------------------------------------------------
 
 RTOL = rounding_tolerance(torch.float32, 64, depth=2)

@@ -263,7 +263,7 @@ def test_peft_format_both_ways(case, tmp_path):
 
 def test_a_role_of_a_fused_projection_has_no_peft_form(tmp_path):
     _, gm = captured("gpt2")
-    with restored(gm):
+    with restored(gm, "x"):
         gm.add_adapter("x", fxadapt.LoHaConfig(r=2))
         with pytest.raises(fxadapt.CheckpointError, match=r"fused projection .*c_attn\[q\] has no PEFT form"):
             gm.save_adapter(tmp_path / "x", "x", format="peft")

@@ -1,5 +1,6 @@
 """What the checkpoint formats share: file names, the :class:`Converted` adapter every reader
-returns, safe reading of tensors and JSON, and matching a file's module paths to the model's."""
+returns, safe reading of tensors and JSON, matching a file's module paths to the model's, and the
+checks every method's PEFT conversion (``Method.peft``) makes."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ NATIVE_CONFIG, NATIVE_WEIGHTS = "fxadapt_config.json", "fxadapt_model.safetensor
 HUB_CONFIG = "adapter_config.json"  # PEFT's and AdapterHub's
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # of every module path in PEFT's weights files
 #: Every file of a checkpoint in any format fxadapt reads (with AdapterHub's head files): saving
 #: replaces all of them, so that no stale file of another format is left for ``load_adapter`` to prefer.
 CHECKPOINT_FILES = frozenset({NATIVE_CONFIG, NATIVE_WEIGHTS, HUB_CONFIG, *PEFT_WEIGHTS, *ADAPTERHUB_WEIGHTS,
@@ -93,6 +94,39 @@ class AdapterHubCheckpoint:
             return place("adapter", config, gm._fx_anatomy)
         except (ConfigError, SiteError) as e:
             raise CheckpointError(f"{self.config_path}: the adapter does not fit {gm._fx_model_name}: {e}", path=self.config_path) from e
+
+
+# PEFT config fields that change what the adapter computes and that fxadapt cannot express: they must be off.
+PEFT_UNSUPPORTED = ("lora_bias", "modules_to_save", "layers_to_transform", "exclude_modules", "target_parameters",
+                    "layer_replication", "trainable_token_indices", "alora_invocation_tokens", "use_bdlora")
+_JSON_NAMES = {int: "an integer", float: "a number", bool: "true or false", list: "a list", str: "a string", dict: "an object",
+               type(None): "null"}
+
+
+def check_peft(path: str, meta: dict[str, Any], fields: dict[str, tuple[type, ...]], refuse: tuple[str, ...] = (),
+               bias: bool = False) -> None:
+    """Refuse a PEFT config (``meta``, read from ``path``) that turns on an option fxadapt cannot express
+    (``PEFT_UNSUPPORTED``, then ``refuse``, then with ``bias`` a ``bias`` other than "none"), or whose
+    ``fields`` have other JSON types than those given (true/false is no number here, "false" no boolean)."""
+    bad = [f for f in (*PEFT_UNSUPPORTED, *refuse) if meta.get(f)] + (["bias"] if bias and meta.get("bias", "none") != "none" else [])
+    if bad:
+        raise CheckpointError(f"{path}: PEFT option {bad[0]}={meta[bad[0]]!r} is not supported by fxadapt", path=path)
+    for name, types in fields.items():
+        value = meta.get(name)
+        if name in meta and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{path}: {name} must be {' or '.join(_JSON_NAMES[t] for t in types)}, got {value!r}", path=path)
+
+
+def whole_modules(gm: AdaptedModule, name: str):
+    """Adapter ``name``, refused when a part of it sits on one role of a fused projection: PEFT adapts
+    whole modules, so only a method that can write such parts as one whole-module adapter (LoRA) may."""
+    adapter = gm._adapter(name)
+    fused = next((p for p in adapter.placements if p.site.columns is not None), None)
+    if fused is not None:
+        raise CheckpointError(f"adapter {name!r}: a {type(adapter.config).__name__.removesuffix('Config')} on one role of the fused "
+                              f"projection {fused.site.name} has no PEFT form (PEFT adapts whole modules); use targets= with the whole "
+                              "module, or fxadapt's format")
+    return adapter
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:

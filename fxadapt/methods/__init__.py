@@ -1,7 +1,7 @@
 """Adapter methods, one file each. A file fills in a :class:`~fxadapt.methods.base.Method`:
 where the method goes (a placement rule over the model's sites, blocks or attentions), the
 weights it builds, the nodes it inserts, its fold into the weights when it merges, and how
-AdapterHub's checkpoints of it are read. Its config class lives in ``fxadapt.config`` (configs
+its checkpoints in PEFT's format (both ways) and AdapterHub's are converted. Its config class lives in ``fxadapt.config`` (configs
 load without torch), and names the method with ``config.method``.
 
 ``METHODS`` is the one table of methods; adding a method is a file here and a line below.

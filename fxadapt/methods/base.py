@@ -27,7 +27,22 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 
-__all__ = ["Method", "Emitter", "Activation", "seeded", "columns_tensor", "frozen_parameters"]
+__all__ = ["Method", "PeftFormat", "Emitter", "Activation", "seeded", "columns_tensor", "frozen_parameters"]
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """A method's conversion to and from PEFT's format (``adapter_config.json`` with ``peft_type`` and
+    ``adapter_model.safetensors``); ``fxadapt.formats.common`` has the checks and names they share.
+
+    - ``read(gm, directory, path, meta, key_mapping)``: the :class:`~fxadapt.formats.common.Converted`
+      adapter of the checkpoint in ``directory``, whose config file ``path`` holds ``meta``;
+    - ``write(gm, name)``: ``(config file name, meta, weights file name, tensors)`` of adapter ``name``.
+    """
+
+    peft_type: str
+    read: Callable[..., Any]
+    write: Callable[[Any, str], tuple[str, dict, str, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,9 @@ class Method:
     - ``fold(W, b, placement, weights)``: the merged weight and bias (None: cannot merge);
     - ``exclusive``: at most one active adapter of this method per place;
     - ``gate_location(placement)``: AdapterHub's name for where its gate sits (gating scores);
-    - ``adapterhub(gm, checkpoint)``: reads AdapterHub checkpoints of ``architecture``.
+    - ``adapterhub(gm, checkpoint)``: reads AdapterHub checkpoints of ``architecture``;
+    - ``peft``: its :class:`PeftFormat`, how PEFT's checkpoints of it are read and written (None: PEFT
+      has no form of it). ``fxadapt.formats.peft`` reads by ``peft_type`` and writes by method.
     """
 
     name: str
@@ -57,6 +74,7 @@ class Method:
     build_shared: Callable[["AdapterConfig", list, torch.Tensor], nn.Module] | None = None
     gate_location: Callable[[Placement], str] = lambda p: ""
     adapterhub: Callable | None = None
+    peft: PeftFormat | None = None
 
 
 class Emitter:

@@ -38,7 +38,7 @@ from ..formats.common import AdapterHubCheckpoint, Converted
 from ..placement import Placement
 from ..sites import Anatomy, Site
 from .base import Emitter, Method
-from .lora import LoRAWeights, as_weight, convert_adapterhub, gate_location, out_in, select_sites, site_path, weights_dtype
+from .lora import PEFT, LoRAWeights, as_weight, convert_adapterhub, gate_location, out_in, select_sites, site_path, weights_dtype
 
 if TYPE_CHECKING:
     from ..module import AdaptedModule
@@ -207,4 +207,5 @@ def _check_bias(gm: AdaptedModule, ckpt: AdapterHubCheckpoint, p: Placement) -> 
             path=ckpt.config_path)
 
 
-METHOD = Method("dora", "lora", DoRAWeights, insert_dora, place, fold_dora, gate_location=gate_location)
+# PEFT: a LORA with use_dora, read and written by LoRA's conversion.
+METHOD = Method("dora", "lora", DoRAWeights, insert_dora, place, fold_dora, gate_location=gate_location, peft=PEFT)

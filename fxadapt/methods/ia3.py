@@ -14,8 +14,8 @@ from ..config import LoRAConfig
 from ..errors import ConfigError
 from ..placement import Placement
 from ..sites import Anatomy, Site
-from .base import Emitter, Method, columns_tensor
-from .lora import as_weight, init_generator, out_in, select_sites, site_path, spread_rows, weights_dtype
+from .base import Emitter, Method, PeftFormat, columns_tensor
+from .lora import as_weight, init_generator, out_in, read_peft, select_sites, site_path, spread_rows, weights_dtype, write_peft
 
 aten = torch.ops.aten
 
@@ -49,15 +49,35 @@ def build(site: Site, config: LoRAConfig, like: torch.Tensor) -> IA3Weights:
 
 
 def insert_ia3(e: Emitter, p: Placement, w: IA3Weights) -> None:
+    # A 1x1 convolution holds its channels in dim channel_dim: the vector is viewed to scale that dim.
+    channel_dim = p.site.linear.channel_dim
+    if p.side == "input" and channel_dim != -1:
+        _scale_conv_input(e, f"{p.module}.scale", w, channel_dim)
+        return
     if p.side == "input":
         e.scale_input(f"{p.module}.scale", w.scaling, w.cast)
         return
     scale = e.attr(f"{p.module}.scale")
     if w.scaling != 1.0:
         scale = e.call(aten.mul.Tensor, scale, w.scaling)
-    scaled = e.call(aten.mul.Tensor, e.y, e.full_vector(scale, p.site, f"{p.module}.columns", 1.0))
+    scale = e.full_vector(scale, p.site, f"{p.module}.columns", 1.0)
+    if channel_dim != -1:
+        scale = e.call(aten.view.default, scale, [-1] + [1] * (-1 - channel_dim))
+    scaled = e.call(aten.mul.Tensor, e.y, scale)
     # A vector in a dtype of their own: the product is taken in the wider dtype and rounded once (as PEFT).
     e.y = e.call(aten.type_as.default, scaled, e.y) if w.cast else scaled
+
+
+def _scale_conv_input(e: Emitter, path: str, w: IA3Weights, channel_dim: int) -> None:
+    """Emitter.scale_input for a 1x1 convolution: its input's channels, in dim ``channel_dim``, times the vector."""
+    x = e.node.args[e.x_index]
+    s = e._new("get_attr", path, (), before=True)
+    if w.scaling != 1.0:
+        s = e.pre(aten.mul.Tensor, s, w.scaling)
+    scaled = e.pre(aten.mul.Tensor, x, e.pre(aten.view.default, s, [-1] + [1] * (-1 - channel_dim)))
+    if w.cast:
+        scaled = e.pre(aten.type_as.default, scaled, x)
+    e.node.args = (*e.node.args[:e.x_index], scaled, *e.node.args[e.x_index + 1:])
 
 
 def fold_ia3(weight, bias, p: Placement, w: IA3Weights):
@@ -77,4 +97,4 @@ def place(name: str, config: LoRAConfig, anatomy: Anatomy) -> list[Placement]:
             for s in select_sites(config, anatomy)]
 
 
-METHOD = Method("ia3", "lora", build, insert_ia3, place, fold_ia3)
+METHOD = Method("ia3", "lora", build, insert_ia3, place, fold_ia3, peft=PeftFormat("IA3", read_peft, write_peft))

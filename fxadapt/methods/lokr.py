@@ -18,6 +18,7 @@ from ..config import LoKrConfig
 from ..placement import Placement
 from ..sites import Anatomy, Site
 from .base import Emitter, Method, columns_tensor
+from .loha import lycoris_peft
 from .lora import fold_lora, init_generator, select_sites, site_path
 
 aten = torch.ops.aten
@@ -107,4 +108,4 @@ def place(name: str, config: LoKrConfig, anatomy: Anatomy) -> list[Placement]:
     return [Placement(name, "lokr", s, site_path(name, s), config) for s in select_sites(config, anatomy)]
 
 
-METHOD = Method("lokr", "lokr", LoKrWeights, insert_lokr, place, fold_lora)
+METHOD = Method("lokr", "lokr", LoKrWeights, insert_lokr, place, fold_lora, peft=lycoris_peft(LoKrConfig))

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import dataclasses
 import math
+import re
 import zlib
 
 import torch
 from torch import nn
 
-import dataclasses
-
-from ..config import IA3Config, LoRAConfig
-from ..errors import CheckpointError, SiteError
-from ..formats.common import AdapterHubCheckpoint, Converted, put
+from ..config import DoRAConfig, IA3Config, LoRAConfig
+from ..errors import CheckpointError, ConfigError, MergeError, SiteError
+from ..formats.common import (HUB_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, AdapterHubCheckpoint, Converted, check_peft, first_file, put,
+                              read_tensors, resolve_module, translate, whole_modules)
 from ..naming import LORAS, state_key, weights_path
 from ..placement import Placement, describe_sites
 from ..sites import Anatomy, Linear, Site, sequence_input
-from .base import Emitter, Method, columns_tensor
+from .base import Emitter, Method, PeftFormat, columns_tensor
 from .gating import Gate
 
 if TYPE_CHECKING:
@@ -60,7 +61,9 @@ class LoRAWeights(nn.Module):
         self.cast = config.dtype is not None  # adapter dtype chosen apart from the model's: cast around it
         kw = dict(device=like.device, dtype=torch.float32)
         a = torch.empty(r, site.in_features, **kw)
-        b = torch.empty(site.out_features, r, **kw)
+        # At a grouped 1x1 convolution B is grouped as the convolution (PEFT's lora_B): each group of
+        # output channels reads its own r / groups of the rank.
+        b = torch.empty(site.out_features, r // site.linear.groups, **kw)
         g = init_generator(config, site)
         if config.init_weights == "lora":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
@@ -79,9 +82,13 @@ class LoRAWeights(nn.Module):
         self.gate = Gate(site.in_features, 1, init_bias=False).to(like.device, dtype) if config.use_gating else None
 
     def delta(self) -> torch.Tensor:
-        """``scaling * B A``, shape (out, in), in float32 or wider."""
+        """``scaling * B A``, shape (out, in), in float32 or wider (B block-diagonal when grouped)."""
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+        b = self.lora_B.to(dtype)
+        groups = self.lora_A.shape[0] // b.shape[1]
+        if groups > 1:
+            b = torch.block_diag(*b.split(b.shape[0] // groups))
+        return (b @ self.lora_A.to(dtype)) * self.scaling
 
 
 # -- rewrite rules ----------------------------------------------------------------------------
@@ -94,7 +101,10 @@ def insert_lora(e: Emitter, p: Placement, w: LoRAWeights) -> None:
     x = e.call(aten.type_as.default, e.x, a) if w.cast else e.x
     if w.dropout > 0:
         x = e.call(aten.dropout.default, x, e.rate(w.dropout), True)
-    delta = e.call(aten.linear.default, e.call(aten.linear.default, x, a), b)
+    if p.site.linear.conv:
+        delta = _conv_delta(e, p, w, x, a, b)
+    else:
+        delta = e.call(aten.linear.default, e.call(aten.linear.default, x, a), b)
     if w.gate is not None:
         gate_in = sequence_input(e.x)
         if w.cast:
@@ -102,13 +112,43 @@ def insert_lora(e: Emitter, p: Placement, w: LoRAWeights) -> None:
         delta = e.call(aten.mul.Tensor, delta, _gate_rows(e, e.module(f"{p.module}.gate", gate_in), e.x))
     elif w.scaling != 1.0:
         delta = e.call(aten.mul.Tensor, delta, w.scaling)
-    if not w.cast:
-        e.add_to_columns(delta, p.site, f"{p.module}.columns")
-        return
     y = e.y
-    e.y = e.call(aten.type_as.default, y, delta)
-    e.add_to_columns(delta, p.site, f"{p.module}.columns")
-    e.y = e.call(aten.type_as.default, e.y, y)
+    if w.cast:
+        e.y = e.call(aten.type_as.default, y, delta)
+    if p.site.linear.conv:  # already over all output channels
+        e.y = e.call(aten.add.Tensor, e.y, delta)
+    else:
+        e.add_to_columns(delta, p.site, f"{p.module}.columns")
+    if w.cast:
+        e.y = e.call(aten.type_as.default, e.y, y)
+
+
+def conv_weight(e: Emitter, weight, shape, lin: Linear):
+    """A 2-D (out, in) weight node viewed as the kernel of a 1x1 convolution like ``lin``'s."""
+    return e.call(aten.view.default, weight, [*shape, *[1] * (-1 - lin.channel_dim)])
+
+
+def conv(e: Emitter, x, kernel, lin: Linear, groups: int = 1):
+    """A 1x1 convolution (stride 1, no padding) over ``lin``'s spatial dims."""
+    k = -1 - lin.channel_dim
+    return e.call(aten.convolution.default, x, kernel, None, [1] * k, [0] * k, [1] * k, False, [0] * k, groups)
+
+
+def _conv_delta(e: Emitter, p: Placement, w: LoRAWeights, x, a, b):
+    """``B A x`` at a 1x1 convolution, as PEFT computes it: A a convolution over every input channel,
+    B one grouped as the base's; B's rows spread over all output channels of a fused projection."""
+    lin, site = p.site.linear, p.site
+    b_shape = list(w.lora_B.shape)
+    if site.columns is not None:
+        cols, width = site.columns, lin.out_features
+        if isinstance(cols, range):
+            b = e.call(aten.constant_pad_nd.default, b, [0, 0, cols.start, width - cols.stop], 0.0)
+        else:
+            b = e.call(aten.index_copy.default, e.call(aten.new_zeros.default, b, [width, b_shape[1]]), 0,
+                       e.attr(f"{p.module}.columns"), b)
+        b_shape[0] = width
+    h = conv(e, x, conv_weight(e, a, list(w.lora_A.shape), lin), lin)
+    return conv(e, h, conv_weight(e, b, b_shape, lin), lin, lin.groups)
 
 
 def _gate_rows(e: Emitter, gate, x):
@@ -132,15 +172,33 @@ def spread_rows(site: Site, values: torch.Tensor, fill: float) -> torch.Tensor:
 
 
 def out_in(weight: torch.Tensor, site: Site) -> torch.Tensor:
-    return weight.t() if site.linear.transposed else weight
+    """The weight as an (out, in) matrix: a 1x1 convolution's kernel flattened, block-diagonal when grouped."""
+    lin = site.linear
+    if lin.conv:
+        w = weight.reshape(weight.shape[0], weight.shape[1])
+        return torch.block_diag(*w.split(lin.out_features // lin.groups)) if lin.groups > 1 else w
+    return weight.t() if lin.transposed else weight
 
 
 def as_weight(weight: torch.Tensor, value_out_in: torch.Tensor, site: Site) -> torch.Tensor:
-    value = value_out_in.t() if site.linear.transposed else value_out_in
-    return torch.empty_like(weight).copy_(value)
+    """An (out, in) matrix back in the weight's layout; a grouped convolution keeps only its diagonal
+    blocks, so the value must be zero off them (MergeError otherwise)."""
+    lin = site.linear
+    value = value_out_in.t() if lin.transposed else value_out_in
+    if lin.conv and lin.groups > 1:
+        rows, cols = lin.out_features // lin.groups, lin.in_features // lin.groups
+        blocks = [value[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols] for g in range(lin.groups)]
+        if torch.count_nonzero(value).item() != sum(torch.count_nonzero(b).item() for b in blocks):
+            raise MergeError(f"{site.path} is a convolution with groups={lin.groups}: the merged weight is not block-diagonal")
+        value = torch.cat(blocks)
+    return torch.empty_like(weight).copy_(value.reshape(weight.shape))
 
 
 def fold_lora(weight, bias, p: Placement, w: LoRAWeights):
+    if p.site.linear.groups > 1:
+        # B A reads every input channel; the grouped kernel holds only its diagonal blocks (PEFT refuses too).
+        raise MergeError(f"LoRA at {p.site.path}, a convolution with groups={p.site.linear.groups}, cannot be merged: "
+                         "its update reads every input channel, the grouped kernel only its own group's")
     delta = spread_rows(p.site, w.delta(), 0.0)
     merged = out_in(weight, p.site).to(delta.dtype) + delta
     return as_weight(weight, merged, p.site), bias
@@ -199,7 +257,27 @@ def select_sites(config: LoRAConfig, anatomy: Anatomy) -> list[Site]:
             chosen = [s for s in chosen if s.weight != lin.weight] + [site]
     if not chosen:
         raise SiteError(f"{type(config).__name__} selects no site of {model_name} (leave_out={list(config.leave_out)}); its sites: {describe_sites(sites)}")
+    for site in chosen:
+        if site.linear.conv:
+            _check_conv(config, site)
     return chosen
+
+
+def _check_conv(config, site: Site) -> None:
+    """What LoRA and (IA)^3 need to adapt a 1x1 convolution; other methods compute on features last."""
+    name, lin = type(config).__name__, site.linear
+    if config.method not in ("lora", "ia3"):
+        raise SiteError(f"{name} cannot adapt {site.path}, a 1x1 convolution (channels in dim {lin.channel_dim}): only LoRA "
+                        "and (IA)^3 adapt convolutions; leave it out with targets= or leave_out")
+    if getattr(config, "use_gating", False):
+        raise ConfigError(f"{name}.use_gating=True: the gate reads features last, {site.path} is a 1x1 convolution",
+                          field="use_gating", value=True)
+    if lin.groups > 1 and site.columns is not None:
+        raise SiteError(f"{name} cannot adapt {site.name}: one role's channels of a convolution with groups={lin.groups}")
+    r = config.rank_for(site.path) if config.method == "lora" else lin.groups
+    if r % lin.groups:
+        raise ConfigError(f"{name}.r={r} at {site.path}: a convolution with groups={lin.groups} needs a rank divisible by "
+                          "its groups (B is grouped as the convolution, as in PEFT)", field="r", value=r)
 
 
 def _fused_unknown(site: Site) -> bool:
@@ -280,4 +358,131 @@ def convert_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint, cls: type[
     return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources), where
 
 
-METHOD = Method("lora", "lora", LoRAWeights, insert_lora, place, fold_lora, gate_location=gate_location, adapterhub=read_adapterhub)
+# -- PEFT checkpoints --------------------------------------------------------------------------
+
+# The PEFT config fields the LORA / IA3 reader reads, the JSON types each must have, and the fxadapt field each becomes.
+_PEFT_FIELDS = {"r": ((int,), "r"), "lora_alpha": ((int, float), "alpha"), "lora_dropout": ((int, float), "dropout"),
+                "use_rslora": ((bool,), "use_rslora"), "use_dora": ((bool,), "use_dora"),
+                "target_modules": ((list, str, type(None)), "targets"),
+                "feedforward_modules": ((list, str, type(None)), "input_scaling_targets"),
+                "rank_pattern": ((dict, type(None)), "rank_pattern"), "alpha_pattern": ((dict, type(None)), "alpha_pattern")}
+
+
+def read_peft(gm: AdaptedModule, directory: str, path: str, meta: dict, key_mapping) -> Converted:
+    """PEFT's LORA and IA3: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (with
+    ``use_dora`` DoRA's ``.lora_magnitude_vector``) or ``.ia3_l``."""
+    kind = meta["peft_type"]
+    check_peft(path, meta, {k: types for k, (types, _) in _PEFT_FIELDS.items()}, bias=True)
+    listed = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
+    try:
+        if kind == "LORA":
+            # DoRA (use_dora): PEFT's LORA with a magnitude per output row, fxadapt's DoRAConfig.
+            cls = DoRAConfig if meta.get("use_dora") is True else LoRAConfig
+            config = cls(selfattn_lora=False, targets=listed.get("target_modules"), r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8),
+                         dropout=meta.get("lora_dropout", 0.0), use_rslora=meta.get("use_rslora", False),
+                         rank_pattern=meta.get("rank_pattern") or {}, alpha_pattern=meta.get("alpha_pattern") or {})
+        else:
+            config = IA3Config(selfattn_lora=False, intermediate_lora=False, targets=listed.get("target_modules"),
+                               input_scaling_targets=listed.get("feedforward_modules") or None)
+    except ConfigError as e:
+        field = next((peft for peft, (_, ours) in _PEFT_FIELDS.items() if ours == e.field), e.field)
+        raise CheckpointError(f"{path}: {field}: {e}", path=path) from e
+    config = translate(gm, config, key_mapping)
+    weights = first_file(directory, PEFT_WEIGHTS, "PEFT")
+    # DoRA's magnitude: PEFT writes ``.lora_magnitude_vector`` (its module's ``.weight`` left out).
+    params = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".ia3_l": "scale", ".lora_magnitude_vector.weight": "magnitude",
+              ".lora_magnitude_vector": "magnitude"}
+    tensors, sources = {}, {}
+    for key, tensor in read_tensors(weights).items():
+        suffix = next((s for s in params if key.endswith(s)), None)
+        module = resolve_module(gm, key.removeprefix(PEFT_PREFIX)[: -len(suffix)], key_mapping) if suffix else None
+        ours = key if module is None else f"{module}.{params[suffix]}"
+        if module is not None and params[suffix] in ("lora_A", "lora_B") and tensor.ndim > 2 and all(n == 1 for n in tensor.shape[2:]):
+            tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 convolution's LoRA: PEFT keeps the kernel dims
+        if module is not None and params[suffix] == "scale" and tensor.ndim == 2:
+            # PEFT: (out, 1) scales the output, (1, in) the input of a feedforward module.
+            if tensor.shape[0 if config.matches_input_scaling(module) else 1] == 1:
+                tensor = tensor.reshape(-1)
+        put(tensors, sources, ours, tensor, key, weights)
+    return Converted(config.method if kind == "LORA" else "ia3", config, tensors, weights, sources, path)
+
+
+def write_peft(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
+    """PEFT's LORA (DoRA: ``use_dora``) or IA3 of a LoRA, DoRA or (IA)^3 adapter. LoRA's per-role parts of
+    a fused projection become one LoRA of the whole module (PEFT adapts whole modules)."""
+    adapter = gm._adapter(name)
+    config = adapter.config
+    if config.use_gating:
+        raise CheckpointError(f"adapter {name!r} ({type(config).__name__} with use_gating) has no PEFT form: PEFT has no gates")
+    if config.method == "dora":
+        whole_modules(gm, name)  # refuses DoRA parts on a fused projection's roles (LoRA's become one, below)
+    by_path: dict[str, list[Placement]] = {}
+    for p in adapter.placements:
+        by_path.setdefault(p.site.path, []).append(p)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas, feedforward = {}, {}, []
+    for path, parts in by_path.items():
+        weights = [gm.get_submodule(p.module) for p in parts]
+        site = parts[0].site
+        key = PEFT_PREFIX + path
+        if site.linear.conv and (config.method != "lora" or len(parts) > 1 or site.columns is not None):
+            raise CheckpointError(f"adapter {name!r}: a {type(config).__name__} on the 1x1 convolution {site.name} has no PEFT form fxadapt "
+                                  "writes (PEFT's format holds a LoRA of a whole convolution); use fxadapt's format")
+        if config.method == "ia3":
+            if parts[0].side == "input":
+                tensors[key + ".ia3_l"] = weights[0].vector().detach().reshape(1, -1)
+                feedforward.append(path)
+                continue
+            full = torch.ones(site.linear.out_features, dtype=weights[0].scale.dtype)
+            for p, w in zip(parts, weights):
+                full[_columns(p)] = w.vector().detach()
+            tensors[key + ".ia3_l"] = full.reshape(-1, 1)
+        elif len(parts) == 1 and site.columns is None:
+            a, b = weights[0].lora_A, weights[0].lora_B
+            if site.linear.conv:  # PEFT's LoRA of a convolution: kernels of size 1 over -channel_dim - 1 dims
+                kernel = (1,) * (-site.linear.channel_dim - 1)
+                a, b = a.detach().reshape(*a.shape, *kernel), b.detach().reshape(*b.shape, *kernel)
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
+            if config.method == "dora":
+                tensors[key + ".lora_magnitude_vector"] = weights[0].magnitude
+        else:
+            # Per-role parts of a fused projection: one LoRA on the whole linear with block structure,
+            # A = [A_q; A_v] and B block-diagonal (B_q on q's rows and columns 0..r, ...). Exact, rank n*r;
+            # in training, one dropout mask instead of one per role.
+            scale = weights[0].scaling
+            a = torch.cat([w.lora_A.detach() for w in weights])
+            b = torch.zeros(site.linear.out_features, a.shape[0], dtype=a.dtype)
+            start = 0
+            for p, w in zip(parts, weights):
+                r = w.lora_A.shape[0]
+                b[_columns(p), start:start + r] = w.lora_B.detach() * (w.scaling / scale) if w.scaling != scale else w.lora_B.detach()
+                start += r
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
+            ranks[re.escape(path)] = a.shape[0]
+            alphas[re.escape(path)] = scale * (math.sqrt(a.shape[0]) if config.use_rslora else a.shape[0])
+    common = {"target_modules": list(by_path), "fan_in_fan_out": any(p.site.linear.transposed for p in adapter.placements),
+              "modules_to_save": None, "inference_mode": True, "task_type": None, "base_model_name_or_path": None}
+    if config.method == "ia3":
+        meta = {"peft_type": "IA3", **common, "feedforward_modules": feedforward, "init_ia3_weights": True}
+    else:
+        # Block entries first: PEFT takes the first pattern that matches.
+        for k, v in config.rank_pattern:
+            ranks.setdefault(k, v)
+        for k, v in config.alpha_pattern:
+            alphas.setdefault(k, v)
+        meta = {"peft_type": "LORA", **common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                "use_rslora": config.use_rslora, "use_dora": config.method == "dora", "bias": "none", "rank_pattern": ranks,
+                "alpha_pattern": alphas, "init_lora_weights": True}
+    return HUB_CONFIG, meta, PEFT_WEIGHTS[0], tensors
+
+
+def _columns(p: Placement) -> list[int] | slice:
+    cols = p.site.columns
+    return slice(None) if cols is None else list(cols)
+
+
+#: PEFT's LORA, DoRA's too (``use_dora``); (IA)^3's IA3 shares the reader and writer.
+PEFT = PeftFormat("LORA", read_peft, write_peft)
+
+METHOD = Method("lora", "lora", LoRAWeights, insert_lora, place, fold_lora, gate_location=gate_location, adapterhub=read_adapterhub,
+                peft=PEFT)

@@ -94,7 +94,11 @@ def insert_prefix(e: Emitter, p: Placement, gate: Gate | None) -> None:
     # closing the previous layer).
     query = e.named(att.query)
     x = sequence_input(query.args[LINEAR_OPS[op_name(query)][0]])
-    batch = e.pre(aten.sym_size.int, x, 0)
+    # The batch size as the keys hold it: the layer input may be sequence-first (nn.MultiheadAttention).
+    keys = e.node.args[1] if att.kind == "sdpa" else _key_consumer(e.named(att.scores), att.head_dim)[1]
+    batch = e.pre(aten.sym_size.int, keys, 0)
+    if keys.meta["val"].ndim != 4:  # batch and heads flattened, as _as_layout makes the prefix
+        batch = e.pre(operator.floordiv, batch, att.kv_heads)
 
     def prefix(slot: int) -> Node:  # (batch, kv_heads, P, head_dim)
         t = e.pre(aten.select.int, pool, 0, 2 * p.slot + slot)
@@ -271,6 +275,10 @@ def place(name: str, config: PrefixTuningConfig, anatomy: Anatomy) -> list[Place
     if not own:
         raise SiteError(f"{type(config).__name__} needs attention with projected keys and values; {model_name} has none")
     own = [a for a in own if a.layer not in config.leave_out]
+    if config.use_gating and any(not a.batch_first for a in own):
+        first = next(a for a in own if not a.batch_first)
+        raise SiteError(f"{type(config).__name__}.use_gating=True: the gate reads the layer input as (batch, seq, features), but "
+                        f"the attention of layer {first.layer} of {model_name} reads a sequence-first input (as nn.MultiheadAttention does)")
     generator = weights_path(PREFIX_TUNINGS, name)
     placements = []
     # The generator holds one slot per adapted layer, in layer order (AdapterHub's prefix ids).

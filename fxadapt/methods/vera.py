@@ -34,12 +34,13 @@ import torch
 from torch import nn
 
 from ..config import LoRAConfig, VeraConfig
-from ..errors import CheckpointError, ConfigError, MergeError
-from ..formats.common import AdapterHubCheckpoint, Converted
+from ..errors import CheckpointError, ConfigError, MergeError, SiteError
+from ..formats.common import (HUB_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, AdapterHubCheckpoint, Converted, check_peft, first_file, put,
+                              read_tensors, resolve_module, translate, whole_modules)
 from ..naming import SHARED, weights_path
 from ..placement import Placement
 from ..sites import Anatomy, Site
-from .base import Emitter, Method, columns_tensor
+from .base import Emitter, Method, PeftFormat, columns_tensor
 from .lora import convert_adapterhub, fold_lora, select_sites, site_path, weights_dtype
 
 if TYPE_CHECKING:
@@ -265,4 +266,79 @@ def _redraw(ckpt: AdapterHubCheckpoint, config: LoRAConfig, site: Site, diagonal
     return {"lora_A": a, "lora_B": b}
 
 
-METHOD = Method("vera", "lora", VeraWeights, insert_vera, place, fold_lora, build_shared=build_shared)
+# -- PEFT checkpoints --------------------------------------------------------------------------------
+
+# The PEFT config fields fxadapt reads, with the JSON types each must have; the tensors' names.
+_PEFT_FIELDS = {"r": (int,), "target_modules": (list, str), "projection_prng_key": (int,), "save_projection": (bool,),
+                "vera_dropout": (int, float), "d_initial": (int, float), "fan_in_fan_out": (bool,), "init_weights": (bool,)}
+_PEFT_PARAMS = ("vera_lambda_d", "vera_lambda_b")
+_PEFT_SHARED = {"base_model.vera_A": "shared_parameters.vera_A", "base_model.vera_B": "shared_parameters.vera_B"}
+
+
+def read_peft(gm: AdaptedModule, directory: str, path: str, meta: dict, key_mapping) -> Converted:
+    """A PEFT VeRA adapter: ``base_model.model.<module>.vera_lambda_d`` / ``.vera_lambda_b`` and, saved with
+    ``save_projection`` (PEFT's default), the shared ``base_model.vera_A`` / ``base_model.vera_B``; without
+    them A and B are drawn again from ``projection_prng_key`` as PEFT does (PEFT warns that this may
+    differ between systems). fxadapt's config: ``VeraConfig`` with ``alpha = r`` (PEFT scales by 1)."""
+    check_peft(path, meta, _PEFT_FIELDS, refuse=("layers_pattern",), bias=True)
+    target = meta.get("target_modules")
+    if target is None:
+        raise CheckpointError(f"{path}: target_modules must be a list or a string, got None", path=path)
+    r = meta.get("r", 256)
+    try:
+        config = VeraConfig(selfattn_lora=False, targets=tuple(target) if isinstance(target, list) else target, r=r, alpha=r,
+                            dropout=meta.get("vera_dropout", 0.0), vera_d=meta.get("d_initial", 0.1), vera_b=0.0,
+                            init_weights_seed=meta.get("projection_prng_key", 0))
+    except ConfigError as e:
+        field = {"dropout": "vera_dropout", "vera_d": "d_initial", "init_weights_seed": "projection_prng_key", "targets": "target_modules"}
+        raise CheckpointError(f"{path}: {field.get(e.field, e.field)}: {e}", path=path) from e
+    config = translate(gm, config, key_mapping)
+    weights = first_file(directory, PEFT_WEIGHTS, "PEFT")
+    tensors, sources = {}, {}
+    for key, tensor in read_tensors(weights).items():
+        if key in _PEFT_SHARED:
+            put(tensors, sources, _PEFT_SHARED[key], tensor, key, weights)
+            continue
+        module, _, param = key.removeprefix(PEFT_PREFIX).rpartition(".")
+        found = resolve_module(gm, module, key_mapping) if param in _PEFT_PARAMS else None
+        put(tensors, sources, key if found is None else f"{found}.{param}", tensor, key, weights)
+    missing = [k for k in _PEFT_SHARED.values() if k not in tensors]
+    if missing and len(missing) < len(_PEFT_SHARED):
+        raise CheckpointError(f"{weights}: has {'base_model.vera_B' if missing[0].endswith('A') else 'base_model.vera_A'} but not the other",
+                              path=weights)
+    if missing:  # save_projection=False: PEFT's draw from projection_prng_key, of the largest widths
+        from ..plan import plan  # imports the methods
+
+        try:
+            sites = [p.site for p in plan("adapter", config, gm._fx_anatomy)]
+        except (ConfigError, SiteError) as e:
+            raise CheckpointError(f"{path}: the adapter does not fit {gm._fx_model_name}: {e}", path=path) from e
+        a, b = projections(config, max(s.in_features for s in sites), max(s.out_features for s in sites))
+        dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+        for key, value in zip(_PEFT_SHARED.values(), (a, b)):
+            tensors[key], sources[key] = value.to(dtype), f"{key} (drawn from projection_prng_key={config.init_weights_seed})"
+    return Converted("vera", config, tensors, weights, sources, path)
+
+
+def write_peft(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
+    """PEFT's VERA with ``save_projection=True``: ``vera_lambda_b`` carries fxadapt's ``scaling`` (PEFT has none)."""
+    adapter = whole_modules(gm, name)
+    config = adapter.config
+    tensors: dict[str, torch.Tensor] = {}
+    for p in adapter.placements:
+        w = gm.get_submodule(p.module)
+        key = f"{PEFT_PREFIX}{p.site.path}."
+        tensors[key + "vera_lambda_d"] = w.vera_lambda_d
+        tensors[key + "vera_lambda_b"] = w.vera_lambda_b if w.scaling == 1.0 else (w.vera_lambda_b.detach() * w.scaling)
+    shared = gm.get_submodule(adapter.placements[0].shared[0])
+    tensors["base_model.vera_A"], tensors["base_model.vera_B"] = shared.vera_A, shared.vera_B
+    meta = {"peft_type": "VERA", "target_modules": sorted({p.site.path for p in adapter.placements}), "r": config.r,
+            "projection_prng_key": config.init_weights_seed or 0, "save_projection": True, "vera_dropout": config.dropout,
+            "d_initial": config.vera_d, "fan_in_fan_out": any(p.site.linear.transposed for p in adapter.placements), "bias": "none",
+            "init_weights": True, "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "inference_mode": True,
+            "task_type": None, "base_model_name_or_path": None}
+    return HUB_CONFIG, meta, PEFT_WEIGHTS[0], tensors
+
+
+METHOD = Method("vera", "lora", VeraWeights, insert_vera, place, fold_lora, build_shared=build_shared,
+                peft=PeftFormat("VERA", read_peft, write_peft))
