@@ -11,11 +11,12 @@ with the role its output plays in a transformer layer:
 - ``o``: a projection whose input comes from an attention's output.
 - ``ffn_in``, ``ffn_out``: ``ffn_out`` reads, through an activation, the outputs of the ``ffn_in``
   projections (up, and gate for gated FFNs).
-- ``cross_q`` ... ``cross_o``: the same for an attention whose keys read another input than its
-  queries (encoder-decoder cross-attention).
+- ``cross_q`` ... ``cross_o``: the same for an attention whose keys read another stream than its
+  queries (encoder-decoder cross-attention); keys that read the queries' input pooled or reduced
+  without a projection (Funnel's pooled queries, SegFormer's reduced keys) are self-attention.
 
-Attention is ``scaled_dot_product_attention`` or a ``softmax`` between two activation matmuls
-(DeBERTa). Layers are numbered by the self-attention blocks in topological order. Module names are
+Attention is ``scaled_dot_product_attention`` or a ``softmax`` between two activation matmuls or
+two-operand einsums (DeBERTa; Funnel's relative attention). Layers are numbered by the self-attention blocks in topological order. Module names are
 never consulted, so renaming every module of a model gives the same sites.
 """
 
@@ -51,8 +52,17 @@ LINEAR_OPS = {
     "conv2d": (0, 1, 2, False),
     "conv3d": (0, 1, 2, False),
     "convolution": (0, 1, 2, False),
+    # Experts of a mixture-of-experts layer, a 3-D weight (E, in, out) read by a grouped matmul over
+    # rows sorted by expert with each expert's row offsets (transformers' grouped_mm experts).
+    "grouped_mm_fallback": (0, 1, None, True),
+    "_grouped_mm": (0, 1, None, True),
+    "grouped_mm": (0, 1, None, True),
+    # Or a 3-D weight indexed by each row's expert then a batched matmul (transformers' batched_mm
+    # experts): ``x[:, None] @ W[ids]``, or ``W[ids] @ x[..., None]`` (the input second; _expert_read).
+    "bmm": (0, 1, None, True),
 }
 _CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution"})
+GROUPED = frozenset({"grouped_mm_fallback", "_grouped_mm", "grouped_mm"})
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,11 @@ class Linear:
 
     A 1x1 convolution is a linear over its channel dim: ``channel_dim`` counts from the end (-2 for
     a Conv1d's (N, C, L), -3 for a Conv2d's; -1 for a linear), its weight is (out, in / groups, 1, ...),
-    and ``groups`` > 1 makes it block-diagonal (``in_features`` counts every input channel)."""
+    and ``groups`` > 1 makes it block-diagonal (``in_features`` counts every input channel).
+
+    ``experts`` > 0: the (E, out, in) weight (or (E, in, out) when ``transposed``) of a mixture of
+    experts, E = ``experts``, its ``path`` the parameter's path; each row of the input is read by one
+    expert's slice, chosen by a grouped matmul's offsets or by indexing the weight (``expert_read``)."""
 
     path: str
     weight: str
@@ -72,6 +86,7 @@ class Linear:
     nodes: tuple[str, ...]
     groups: int = 1
     channel_dim: int = -1
+    experts: int = 0
 
     @property
     def conv(self) -> bool:
@@ -148,7 +163,8 @@ class Attention:
     """An attention of the graph, with what a pass needs to extend its keys and values.
 
     ``kind`` is ``"sdpa"`` (``node`` is the SDPA call) or ``"matmul"`` (``node`` is the
-    probabilities-times-values matmul, ``scores`` the query-times-keys matmul, ``softmax`` between).
+    probabilities-times-values matmul, ``scores`` the query-times-keys matmul, ``softmax`` between),
+    or ``"einsum"`` for the same written as two-operand einsums (Funnel's relative attention).
     ``query`` is the query projection node; what it reads is the layer's attention input.
     """
 
@@ -291,11 +307,48 @@ def _weight_node(arg) -> tuple[Node, bool]:
     return arg, False
 
 
+def expert_read(node: Node) -> tuple[Node, int, bool, Node | None] | None:
+    """How a node reads a 3-D expert weight, or None: (the weight's get_attr, the input's arg index,
+    whether the weight is read as (E, in, out), the node indexing it by each row's expert (None for a
+    grouped matmul, whose offsets say which rows each expert reads))."""
+    name = op_name(node) if node.op == "call_function" else ""
+    if name in GROUPED and len(node.args) >= 3:
+        w, flipped = _weight3(node.args[1])
+        return (w, 0, not flipped, None) if w is not None else None
+    if name == "bmm":
+        for w_i in (1, 0):  # x[:, None] @ W[ids] reads (E, in, out); W[ids] @ x[..., None] reads (E, out, in)
+            arg = node.args[w_i]
+            if isinstance(arg, Node) and op_name(arg) == "index" and len(arg.args[1]) == 1 and isinstance(arg.args[1][0], Node):
+                w, flipped = _weight3(arg.args[0])
+                if w is not None:
+                    return w, 1 - w_i, (w_i == 1) ^ flipped, arg
+    return None
+
+
+def _weight3(arg) -> tuple[Node | None, bool]:
+    """The get_attr a (3-D) weight operand reads, and whether it swaps the last two dims."""
+    flipped = False
+    if isinstance(arg, Node) and op_name(arg) == "transpose" and {a % 3 for a in arg.args[1:3]} == {1, 2}:
+        arg, flipped = arg.args[0], True
+    return (arg, flipped) if isinstance(arg, Node) and arg.op == "get_attr" else (None, False)
+
+
 def _find_linears(gm: GraphModule, nodes: list[Node]) -> tuple[dict[str, Linear], dict[Node, tuple[str, int]]]:
     """Linear-like nodes grouped by weight; ``linear_of[node] = (weight path, input arg index)``."""
     found: dict[str, dict] = {}
     linear_of: dict[Node, tuple[str, int]] = {}
     for node in nodes:
+        expert = expert_read(node)
+        weight = _param(gm, expert[0]) if expert is not None else None
+        if weight is not None and weight.ndim == 3:
+            w_node, x_i, transposed, _ = expert
+            n, a, b = weight.shape
+            entry = found.setdefault(w_node.target, dict(path=w_node.target, weight=w_node.target, bias=None, transposed=transposed,
+                                                         in_features=a if transposed else b, out_features=b if transposed else a,
+                                                         nodes=[], experts=n))
+            entry["nodes"].append(node.name)
+            linear_of[node] = (w_node.target, x_i)
+            continue
         spec = LINEAR_OPS.get(op_name(node)) if node.op == "call_function" else None
         if spec is None:
             continue
@@ -362,8 +415,35 @@ def _find_attentions(nodes: list[Node], linear_of) -> list[_Attention]:
     return found
 
 
+def _einsum_operands(node: Node) -> tuple[str, list] | None:
+    """The equation and operands of a two-operand einsum (``aten.einsum(eq, [a, b])`` or ``torch.einsum(eq, a, b)``)."""
+    if op_name(node) != "einsum" or not node.args or not isinstance(node.args[0], str):
+        return None
+    operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return (node.args[0].replace(" ", ""), list(operands)) if len(operands) == 2 else None
+
+
+def _is_matmul(node: Node) -> bool:
+    """A product of two tensors: a matmul op, or an einsum of two operands (Funnel's relative attention)."""
+    return op_name(node) in MATMUL or _einsum_operands(node) is not None
+
+
 def _matmul_operands(node: Node) -> tuple[Node, Node, Node]:
-    return (node.args[1], node.args[2], node) if op_name(node) == "baddbmm" else (node.args[0], node.args[1], node)
+    """(left, right, node): for scores, the queries and the keys; for probabilities times values,
+    the probabilities and the values. An einsum's operands are ordered by its equation: the right
+    one holds the output's last index (the keys a softmax normalises over; the values' features)."""
+    if op_name(node) == "baddbmm":
+        return node.args[1], node.args[2], node
+    einsum = _einsum_operands(node)
+    if einsum is None:
+        return node.args[0], node.args[1], node
+    equation, (a, b) = einsum
+    inputs, _, out = equation.partition("->")
+    left, _, right = inputs.partition(",")
+    if not out:  # implicit output: the indices that occur once, sorted
+        out = "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+    last = out[-1:] if out[-1:].isalpha() else ""
+    return (b, a, node) if last and last in left and last not in right else (a, b, node)
 
 
 def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
@@ -372,7 +452,7 @@ def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
     while frontier and out is None:
         node = frontier.pop()
         for user in node.users:
-            if op_name(user) in MATMUL and user not in linear_of and user.args[0] is node:
+            if _is_matmul(user) and user not in linear_of and _matmul_operands(user)[0] is node:
                 out = user
                 break
             if op_name(user) in MOVEMENT or op_name(user) in ("dropout", "masked_fill", "where"):
@@ -386,13 +466,13 @@ def _softmax_attention(softmax: Node, linear_of) -> _Attention | None:
         if not isinstance(node, Node) or node in seen or node.op != "call_function":
             continue
         seen.add(node)
-        if op_name(node) in MATMUL and node not in linear_of:
+        if _is_matmul(node) and node not in linear_of:
             scores.append(_matmul_operands(node))
         elif node not in linear_of and op_name(node) not in SOFTMAX:
             stack.extend(node.all_input_nodes)
     if not scores:
         return None
-    return _Attention(out=out, q=scores[0][0], k=scores[0][1], v=out.args[1], scores=scores, softmax=softmax)
+    return _Attention(out=out, q=scores[0][0], k=scores[0][1], v=_matmul_operands(out)[1], scores=scores, softmax=softmax)
 
 
 # -- columns of fused projections ------------------------------------------------------------
@@ -498,11 +578,13 @@ def _propagate_origins(nodes, linear_of, attentions, columns) -> dict[Node, _Ori
         elif node in columns:
             source, cols = columns[node]
             origin[node] = {source: (cols, False)}
-        elif node.op not in ("call_function", "call_method") or name in MATMUL or name in SOFTMAX or name in SDPA or name in METADATA:
+        elif node.op not in ("call_function", "call_method") or _is_matmul(node) or name in SOFTMAX or name in SDPA or name in METADATA:
             origin[node] = empty
         else:
             merged: _Origin = {}
-            for parent in node.all_input_nodes:
+            # Indexing by computed indices (a mixture of experts' routing) reads values from operand 0 only.
+            parents = [node.args[0]] if name in _INDEXING and isinstance(node.args[0], Node) else node.all_input_nodes
+            for parent in parents:
                 for source, (cols, act) in origin.get(parent, empty).items():
                     if source in merged:
                         old_cols, old_act = merged[source]
@@ -519,6 +601,9 @@ def _propagate_origins(nodes, linear_of, attentions, columns) -> dict[Node, _Ori
                 merged = empty
             origin[node] = merged or empty
     return origin
+
+
+_INDEXING = frozenset({"index", "index_select", "gather"})
 
 
 def _junction(add: Node, origin) -> bool:
@@ -553,7 +638,7 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin, constants) -> l
     layer = -1
     for att in attentions:
         q, k, v = _qkv_sources(att, sources, x_of)
-        cross = bool(q) and bool(k) and not ({x_of[s] for s in q} & {x_of[s] for s in k})
+        cross = bool(q) and bool(k) and not _same_stream({x_of[s] for s in q}, {x_of[s] for s in k}, linear_of)
         layer = max(layer, 0) if cross else layer + 1
         att_layer[att.out] = layer
         prefix = "cross_" if cross else ""
@@ -568,7 +653,7 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin, constants) -> l
             width = len(k_cols) if k_cols is not None else linears[linear_of[k_node][0]].out_features
             q_node = next(iter(q))
             q_lin = linears[linear_of[q_node][0]]
-            described.append(Attention(layer, cross, "sdpa" if op_name(att.out) in SDPA else "matmul", att.out.name,
+            described.append(Attention(layer, cross, _kind(att), att.out.name,
                                        q_node.name, width // head_dim, head_dim, q_lin.in_features, q_lin.weight,
                                        att.scores[0][2].name if att.scores else None, att.softmax.name if att.softmax else None,
                                        _batch_first(sequence_input(x_of[q_node]), att.k, width // head_dim)))
@@ -587,7 +672,11 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin, constants) -> l
     att_order = sorted(att_layer, key=order.__getitem__)
     for node in linear_of:
         inputs = {s: act for s, (_, act) in origin.get(x_of[node], {}).items() if s in linear_of and linear_of[s][0] not in taken}
-        if linear_of[node][0] in taken or not any(inputs.values()) or not _adds_to_residual(node, [x_of[s] for s in inputs], order, constants):
+        # Experts reading experts through an activation are an expert FFN: their outputs reach the
+        # residual only after the routing weights and the sum over each token's experts.
+        experts = linears[linear_of[node][0]].experts and all(linears[linear_of[s][0]].experts for s in inputs)
+        if linear_of[node][0] in taken or not any(inputs.values()) or not (
+                experts or _adds_to_residual(node, [x_of[s] for s in inputs], order, constants)):
             continue
         first = min(order[s] for s in inputs)
         before = [a for a in att_order if order[a] < first]
@@ -598,6 +687,29 @@ def _assign_roles(nodes, linears, linear_of, attentions, origin, constants) -> l
         taken |= {linear_of[node][0], *(linear_of[s][0] for s in inputs)}
 
     return _make_sites(roles, linears), described
+
+
+# How far _same_stream looks back from a query's input for its keys' input: a pooling step (Funnel's
+# strided mean over the sequence, written out as slices, a cat and a pool) is ~10 nodes.
+_POOLING_DEPTH = 32
+
+
+def _same_stream(q_inputs: set[Node], k_inputs: set[Node], linear_of, depth: int = _POOLING_DEPTH) -> bool:
+    """Whether queries and keys are projected from one stream: the same input, or one input derived
+    from the other through no projection or attention (Funnel pools the query's stream between
+    blocks, its keys read the unpooled one). Cross-attention's keys read another model's stream,
+    which reaches its queries only through projections, if at all."""
+    if q_inputs & k_inputs:
+        return True
+    for start, goal in ((q_inputs, k_inputs), (k_inputs, q_inputs)):
+        seen, frontier = set(start), list(start)
+        for _ in range(depth):
+            frontier = [p for n in frontier if n not in linear_of and not _is_matmul(n) and op_name(n) not in SDPA
+                        for p in n.all_input_nodes if p not in seen]
+            if goal & set(frontier):
+                return True
+            seen.update(frontier)
+    return False
 
 
 def sequence_input(node: Node) -> Node:
@@ -619,6 +731,13 @@ def _batch_first(x: Node, keys: Node, kv_heads: int) -> bool:
 
     batch = expr(kv.shape[0]) if kv.ndim == 4 else expr(kv.shape[0]) / kv_heads
     return bool(expr(xv.shape[0]) - batch == 0)
+
+
+def _kind(att: _Attention) -> str:
+    """``"sdpa"``, ``"einsum"`` (a score or values product written as an einsum: Funnel), or ``"matmul"``."""
+    if op_name(att.out) in SDPA:
+        return "sdpa"
+    return "einsum" if any(_einsum_operands(n) is not None for n in (att.out, *(m for _, _, m in att.scores[:1]))) else "matmul"
 
 
 def _last_dim(node) -> int | None:
@@ -700,6 +819,8 @@ def _first_add(start: Node, order, constants, limit: int = _CHAIN_LIMIT) -> tupl
         # Reshapes and dropout carry their first operand; the rest are sizes, indices and rates.
         values = node.args[:1] if name in MOVEMENT or name in DROPOUT else node.all_input_nodes
         others = [a for a in values if isinstance(a, Node) and a not in chain and a not in constants]
+        if name == "mul" and len(others) == 1 and _row_gate(others[0]):
+            others = []  # a gate per row (Qwen2-MoE's sigmoid-gated shared expert, routing weights) scales the output
         if not others:
             if len(chain) >= limit:
                 return None, -1, f"no residual add within {limit} output transforms"
@@ -711,6 +832,12 @@ def _first_add(start: Node, order, constants, limit: int = _CHAIN_LIMIT) -> tupl
         else:
             stop = f"the output is combined with {others[0].name} at {node.name} ({name})"
     return None, -1, stop
+
+
+def _row_gate(node: Node) -> bool:
+    """Whether ``node`` holds one value per row (its last dim 1, as in a gate of shape (tokens, 1))."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.ndim >= 2 and val.shape[-1] == 1
 
 
 def _is_stream(node: Node, before: set[Node]) -> bool:
@@ -777,9 +904,10 @@ def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] 
 
     The residual add is the first add that sums the projection's output, through output transforms
     whose other operands are constants (dropout, reshapes, a norm of the sublayer output, a scalar
-    or per-channel scale), with the residual stream the projection's input derives from. A block is
-    post-LN when the next block's residual input is a normalisation of this block's sum; its
-    ``norm`` holds that normalisation's nodes. The last block of a stack takes the style of the
+    or per-channel scale), with the residual stream the projection's input derives from (a pooled
+    stream, when the sublayer's query was pooled: Funnel). A block is post-LN when the next block's
+    residual input is a normalisation of this block's sum; its ``norm`` holds that normalisation's
+    nodes, up to where the sequence changes (a pooling or upsampling between blocks is no part of it). The last block of a stack takes the style of the
     others, its normalisation being the chain of nodes every use of the sum runs through. Sites
     whose output reaches no residual add are appended to ``unmatched`` with the reason.
     """
@@ -869,11 +997,31 @@ def _region(add: Node, residual: Node, order: dict[Node, int]) -> tuple[Node, ..
             if parent in forward and parent is not add and parent not in region:
                 region.add(parent)
                 frontier.append(parent)
-    if any(op_name(n) in LINEAR_OPS or op_name(n) in MATMUL for n in region):
+    if any(op_name(n) in LINEAR_OPS or _is_matmul(n) for n in region):
         return None  # a projection between the blocks (Swin's patch merging): another stack starts
-    if all(op_name(n) in _PASS_THROUGH for n in region):
+    ordered = _same_rows(add, sorted(region, key=order.__getitem__))
+    if all(op_name(n) in _PASS_THROUGH for n in ordered):
         return ()
-    return tuple(sorted(region, key=order.__getitem__))
+    return tuple(ordered)
+
+
+def _same_rows(add: Node, region: list[Node]) -> list[Node]:
+    """The part of ``region`` (in graph order) that keeps the rows of ``add``'s sum: a norm acts on
+    each position, a pooling or upsampling step between blocks changes the sequence (Funnel). The
+    region is cut where its nodes first hold other rows than the sum (their shape does not start
+    with the sum's leading dims); the copies and slices that the cut leaves at its end are dropped,
+    so that the norm ends at its own output and the pooling reads the adapted stream."""
+    rows = (example_shape(add) or ())[:-1]
+    kept: list[Node] = []
+    for node in region:
+        shape = example_shape(node) if isinstance(node.meta.get("val"), torch.Tensor) else None
+        if (shape is None or tuple(shape[:len(rows)]) == rows) and all(p is add or p in kept or p not in region for p in node.all_input_nodes):
+            kept.append(node)
+    if len(kept) == len(region):
+        return region
+    while kept and op_name(kept[-1]) in MOVEMENT:
+        kept.pop()
+    return kept
 
 
 def _last_norm(add: Node, order: dict[Node, int], limit: int = 64) -> tuple[Node, ...]:
@@ -888,7 +1036,7 @@ def _last_norm(add: Node, order: dict[Node, int], limit: int = 64) -> tuple[Node
         inputs = [p for p in node.all_input_nodes if p in reached]
         if inputs:
             name = op_name(node)
-            if name in SELECTING or name in MATMUL or name in SDPA or name in SOFTMAX or name in LINEAR_OPS:
+            if name in SELECTING or _is_matmul(node) or name in SDPA or name in SOFTMAX or name in LINEAR_OPS:
                 break
             reached.add(node)
             for p in inputs:

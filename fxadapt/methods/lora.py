@@ -5,7 +5,10 @@ gate replaces ``scaling``. Merged:  ``W + scaling * B A``.
 
 Where: the projections of the roles the config asks for (``attn_matrices`` of self- and
 cross-attention, ``ffn_in`` / ``ffn_out``), found by dataflow, plus any linear ``targets`` names;
-a fused projection (GPT-2's ``c_attn``) gets one LoRA per role, on that role's columns.
+a fused projection (GPT-2's ``c_attn``) gets one LoRA per role, on that role's columns. A mixture of
+experts' 3-D weight (E, out, in) gets one LoRA per expert, A (E, r, in) and B (E, out, r), computed
+by the graph's own grouped matmul (same offsets) or indexing (same expert ids): PEFT's
+``target_parameters``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from torch import nn
 
 from ..config import DoRAConfig, IA3Config, LoRAConfig
 from ..errors import CheckpointError, ConfigError, MergeError, SiteError
-from ..formats.common import (HUB_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, AdapterHubCheckpoint, Converted, check_peft, first_file, put,
+from ..formats.common import (HUB_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, AdapterHubCheckpoint, Converted, check_peft, first_file, mapped, put,
                               read_tensors, resolve_module, translate, whole_modules)
 from ..naming import LORAS, state_key, weights_path
 from ..placement import Placement, describe_sites
-from ..sites import Anatomy, Linear, Site, sequence_input
+from ..sites import Anatomy, Linear, Site, expert_read, sequence_input
 from .base import Emitter, Method, PeftFormat, columns_tensor
 from .gating import Gate
 
@@ -48,8 +51,8 @@ def weights_dtype(config: LoRAConfig, like: torch.Tensor) -> torch.dtype:
 
 
 class LoRAWeights(nn.Module):
-    """``lora_A`` (r, in) and ``lora_B`` (out, r) of one site; rank, ``scaling`` (``rank_pattern`` /
-    ``alpha_pattern`` per module path) and ``dropout`` from the config."""
+    """``lora_A`` (r, in) and ``lora_B`` (out, r) of one site, (E, r, in) and (E, out, r) at E experts;
+    rank, ``scaling`` (``rank_pattern`` / ``alpha_pattern`` per module path) and ``dropout`` from the config."""
 
     label = "LoRA"  # in fxadapt.draw's pictures
 
@@ -60,13 +63,15 @@ class LoRAWeights(nn.Module):
         self.dropout = float(config.dropout)
         self.cast = config.dtype is not None  # adapter dtype chosen apart from the model's: cast around it
         kw = dict(device=like.device, dtype=torch.float32)
-        a = torch.empty(r, site.in_features, **kw)
+        experts = (site.linear.experts,) if site.linear.experts else ()
+        a = torch.empty(*experts, r, site.in_features, **kw)
         # At a grouped 1x1 convolution B is grouped as the convolution (PEFT's lora_B): each group of
         # output channels reads its own r / groups of the rank.
-        b = torch.empty(site.out_features, r // site.linear.groups, **kw)
+        b = torch.empty(*experts, site.out_features, r // site.linear.groups, **kw)
         g = init_generator(config, site)
         if config.init_weights == "lora":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+            for a_e in (a if experts else [a]):  # each expert's A as a linear's (fan-in = in)
+                nn.init.kaiming_uniform_(a_e, a=math.sqrt(5), generator=g)
             nn.init.zeros_(b)
         elif config.init_weights == "bert":
             nn.init.normal_(a, std=0.02, generator=g)
@@ -82,9 +87,12 @@ class LoRAWeights(nn.Module):
         self.gate = Gate(site.in_features, 1, init_bias=False).to(like.device, dtype) if config.use_gating else None
 
     def delta(self) -> torch.Tensor:
-        """``scaling * B A``, shape (out, in), in float32 or wider (B block-diagonal when grouped)."""
+        """``scaling * B A``, shape (out, in) ((E, out, in) at experts), in float32 or wider (B
+        block-diagonal when grouped)."""
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
         b = self.lora_B.to(dtype)
+        if b.ndim == 3:
+            return torch.bmm(b, self.lora_A.to(dtype)) * self.scaling
         groups = self.lora_A.shape[0] // b.shape[1]
         if groups > 1:
             b = torch.block_diag(*b.split(b.shape[0] // groups))
@@ -98,10 +106,14 @@ def insert_lora(e: Emitter, p: Placement, w: LoRAWeights) -> None:
     a, b = e.attr(f"{p.module}.lora_A"), e.attr(f"{p.module}.lora_B")
     # Weights in a dtype of their own (float32 on a half-precision model): as PEFT, the input is cast
     # to it before dropout, the sum is taken in it and rounded to the model's dtype once.
-    x = e.call(aten.type_as.default, e.x, a) if w.cast else e.x
+    read = expert_read(e.node) if p.site.linear.experts else None
+    x = e.node.args[read[1]] if read else e.x
+    x = e.call(aten.type_as.default, x, a) if w.cast else x
     if w.dropout > 0:
         x = e.call(aten.dropout.default, x, e.rate(w.dropout), True)
-    if p.site.linear.conv:
+    if read:
+        delta = _expert_delta(e, read, x, a, b)
+    elif p.site.linear.conv:
         delta = _conv_delta(e, p, w, x, a, b)
     else:
         delta = e.call(aten.linear.default, e.call(aten.linear.default, x, a), b)
@@ -115,12 +127,27 @@ def insert_lora(e: Emitter, p: Placement, w: LoRAWeights) -> None:
     y = e.y
     if w.cast:
         e.y = e.call(aten.type_as.default, y, delta)
-    if p.site.linear.conv:  # already over all output channels
+    if p.site.linear.conv or read:  # already over all output channels
         e.y = e.call(aten.add.Tensor, e.y, delta)
     else:
         e.add_to_columns(delta, p.site, f"{p.module}.columns")
     if w.cast:
         e.y = e.call(aten.type_as.default, e.y, y)
+
+
+def _expert_delta(e: Emitter, read, x, a, b):
+    """``B_e A_e x`` for each row's expert e, batched as the graph reads the expert weight: the same
+    grouped matmul with the same offsets, or the weights indexed by the same expert ids."""
+    node, (_, x_i, _, index) = e.node, read
+    if index is None:  # grouped: rows sorted by expert, the op takes (E, in, out) weights
+        rest = node.args[2:]
+        h = e.call(node.target, x, e.call(aten.transpose.int, a, 1, 2), *rest, **node.kwargs)
+        return e.call(node.target, h, e.call(aten.transpose.int, b, 1, 2), *rest, **node.kwargs)
+    a_rows, b_rows = (e.call(aten.index.Tensor, t, list(index.args[1])) for t in (a, b))
+    if x_i == 1:  # W[ids] @ x[..., None]
+        return e.call(aten.bmm.default, b_rows, e.call(aten.bmm.default, a_rows, x))
+    h = e.call(aten.bmm.default, x, e.call(aten.transpose.int, a_rows, 1, 2))  # x[:, None] @ W[ids], W (E, in, out)
+    return e.call(aten.bmm.default, h, e.call(aten.transpose.int, b_rows, 1, 2))
 
 
 def conv_weight(e: Emitter, weight, shape, lin: Linear):
@@ -177,14 +204,14 @@ def out_in(weight: torch.Tensor, site: Site) -> torch.Tensor:
     if lin.conv:
         w = weight.reshape(weight.shape[0], weight.shape[1])
         return torch.block_diag(*w.split(lin.out_features // lin.groups)) if lin.groups > 1 else w
-    return weight.t() if lin.transposed else weight
+    return weight.transpose(-2, -1) if lin.transposed else weight  # (E, out, in) at experts
 
 
 def as_weight(weight: torch.Tensor, value_out_in: torch.Tensor, site: Site) -> torch.Tensor:
     """An (out, in) matrix back in the weight's layout; a grouped convolution keeps only its diagonal
     blocks, so the value must be zero off them (MergeError otherwise)."""
     lin = site.linear
-    value = value_out_in.t() if lin.transposed else value_out_in
+    value = value_out_in.transpose(-2, -1) if lin.transposed else value_out_in
     if lin.conv and lin.groups > 1:
         rows, cols = lin.out_features // lin.groups, lin.in_features // lin.groups
         blocks = [value[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols] for g in range(lin.groups)]
@@ -208,7 +235,11 @@ def fold_lora(weight, bias, p: Placement, w: LoRAWeights):
 
 
 def site_path(name: str, site: Site) -> str:
-    """Where the weights of adapter ``name`` at a site live: ``<linear>.loras.<name>[.<role>]``."""
+    """Where the weights of adapter ``name`` at a site live: ``<linear>.loras.<name>[.<role>]``; at an
+    expert tensor ``<experts module>.loras.<name>.<tensor>`` (state keys ``<tensor path>.lora_A``)."""
+    if site.linear.experts:
+        module, _, leaf = site.path.rpartition(".")
+        return weights_path(LORAS, name, module, leaf)
     return weights_path(LORAS, name, site.path, site.role if site.columns is not None else "")
 
 
@@ -260,6 +291,10 @@ def select_sites(config: LoRAConfig, anatomy: Anatomy) -> list[Site]:
     for site in chosen:
         if site.linear.conv:
             _check_conv(config, site)
+        if site.linear.experts and (config.method not in ("lora", "ia3") or getattr(config, "use_gating", False)):
+            raise SiteError(f"{type(config).__name__}{' with use_gating' if getattr(config, 'use_gating', False) else ''} cannot adapt "
+                            f"{site.path}, the weights of {site.linear.experts} experts: only LoRA and (IA)^3 adapt experts; "
+                            "leave them out with targets= or intermediate_lora/output_lora=False")
     return chosen
 
 
@@ -363,7 +398,7 @@ def convert_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint, cls: type[
 # The PEFT config fields the LORA / IA3 reader reads, the JSON types each must have, and the fxadapt field each becomes.
 _PEFT_FIELDS = {"r": ((int,), "r"), "lora_alpha": ((int, float), "alpha"), "lora_dropout": ((int, float), "dropout"),
                 "use_rslora": ((bool,), "use_rslora"), "use_dora": ((bool,), "use_dora"),
-                "target_modules": ((list, str, type(None)), "targets"),
+                "target_modules": ((list, str, type(None)), "targets"), "target_parameters": ((list, type(None)), "targets"),
                 "feedforward_modules": ((list, str, type(None)), "input_scaling_targets"),
                 "rank_pattern": ((dict, type(None)), "rank_pattern"), "alpha_pattern": ((dict, type(None)), "alpha_pattern")}
 
@@ -372,13 +407,20 @@ def read_peft(gm: AdaptedModule, directory: str, path: str, meta: dict, key_mapp
     """PEFT's LORA and IA3: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (with
     ``use_dora`` DoRA's ``.lora_magnitude_vector``) or ``.ia3_l``."""
     kind = meta["peft_type"]
-    check_peft(path, meta, {k: types for k, (types, _) in _PEFT_FIELDS.items()}, bias=True)
+    # PEFT_UNSUPPORTED lists target_parameters for the other methods; LoRA reads it (expert tensors).
+    plain_lora = kind == "LORA" and meta.get("use_dora") is not True
+    check_peft(path, {k: v for k, v in meta.items() if not (plain_lora and k == "target_parameters")},
+               {k: types for k, (types, _) in _PEFT_FIELDS.items()}, bias=True)
     listed = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
     try:
         if kind == "LORA":
             # DoRA (use_dora): PEFT's LORA with a magnitude per output row, fxadapt's DoRAConfig.
             cls = DoRAConfig if meta.get("use_dora") is True else LoRAConfig
-            config = cls(selfattn_lora=False, targets=listed.get("target_modules"), r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8),
+            # target_parameters (experts' 3-D tensors) are linears of fxadapt's, named by parameter path.
+            targets = listed.get("target_modules")
+            if meta.get("target_parameters"):
+                targets = (*(targets or ()), *meta["target_parameters"]) if not isinstance(targets, str) else targets
+            config = cls(selfattn_lora=False, targets=targets, r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8),
                          dropout=meta.get("lora_dropout", 0.0), use_rslora=meta.get("use_rslora", False),
                          rank_pattern=meta.get("rank_pattern") or {}, alpha_pattern=meta.get("alpha_pattern") or {})
         else:
@@ -393,10 +435,18 @@ def read_peft(gm: AdaptedModule, directory: str, path: str, meta: dict, key_mapp
     params = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".ia3_l": "scale", ".lora_magnitude_vector.weight": "magnitude",
               ".lora_magnitude_vector": "magnitude"}
     tensors, sources = {}, {}
+    experts = {lin.path: lin.experts for lin in gm._fx_linears.values() if lin.experts}
     for key, tensor in read_tensors(weights).items():
         suffix = next((s for s in params if key.endswith(s)), None)
-        module = resolve_module(gm, key.removeprefix(PEFT_PREFIX)[: -len(suffix)], key_mapping) if suffix else None
+        named = key.removeprefix(PEFT_PREFIX)[: -len(suffix)] if suffix else None
+        if named is not None and meta.get("target_parameters"):
+            named = _peft_parameter(gm, named, meta["target_parameters"], key_mapping)
+        module = resolve_module(gm, named, key_mapping) if suffix else None
         ours = key if module is None else f"{module}.{params[suffix]}"
+        if module in experts and params[suffix] in ("lora_A", "lora_B") and tensor.ndim == 2:
+            # PEFT's ParamWrapper: lora_A (E r, in) expert-major, lora_B (out, r E) expert-minor.
+            e = experts[module]
+            tensor = tensor.reshape(e, -1, tensor.shape[1]) if params[suffix] == "lora_A" else tensor.reshape(tensor.shape[0], -1, e).permute(2, 0, 1)
         if module is not None and params[suffix] in ("lora_A", "lora_B") and tensor.ndim > 2 and all(n == 1 for n in tensor.shape[2:]):
             tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 convolution's LoRA: PEFT keeps the kernel dims
         if module is not None and params[suffix] == "scale" and tensor.ndim == 2:
@@ -405,6 +455,29 @@ def read_peft(gm: AdaptedModule, directory: str, path: str, meta: dict, key_mapp
                 tensor = tensor.reshape(-1)
         put(tensors, sources, ours, tensor, key, weights)
     return Converted(config.method if kind == "LORA" else "ia3", config, tensors, weights, sources, path)
+
+
+def _peft_parameter(gm: AdaptedModule, named: str, target_parameters, key_mapping) -> str:
+    """The parameter path a PEFT ``target_parameters`` key names: ``<module>(.base_layer)*``, one
+    ParamWrapper per targeted parameter of the module nested in the order the module registers them
+    (the first innermost, under the most ``base_layer``)."""
+    depth = 0
+    while named.endswith(".base_layer"):
+        named, depth = named.removesuffix(".base_layer"), depth + 1
+    try:
+        owner = gm.get_submodule(mapped(named, key_mapping))
+    except AttributeError:
+        return named
+    targeted = [leaf for leaf, p in owner.named_parameters(recurse=False)
+                if p.ndim == 3 and any(f"{named}.{leaf}" == t or f"{named}.{leaf}".endswith("." + t) for t in target_parameters)]
+    return f"{named}.{targeted[len(targeted) - 1 - depth]}" if depth < len(targeted) else named
+
+
+def _peft_expert_key(gm: AdaptedModule, path: str, targeted: set[str]) -> str:
+    """PEFT's module key of the LoRA of expert tensor ``path`` (see _peft_parameter)."""
+    module, _, leaf = path.rpartition(".")
+    order = [l for l, _ in gm.get_submodule(module).named_parameters(recurse=False) if f"{module}.{l}" in targeted]
+    return module + ".base_layer" * (len(order) - 1 - order.index(leaf))
 
 
 def write_peft(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
@@ -421,10 +494,21 @@ def write_peft(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, 
         by_path.setdefault(p.site.path, []).append(p)
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, feedforward = {}, {}, []
+    parameters = {p.site.path for p in adapter.placements if p.site.linear.experts}
+    if parameters and (config.method != "lora" or config.dropout):
+        raise CheckpointError(f"adapter {name!r}: a {type(config).__name__}{' with dropout' if config.dropout else ''} on expert tensors "
+                              f"({sorted(parameters)[0]}, ...) has no PEFT form (PEFT's target_parameters holds LoRA without dropout); "
+                              "use fxadapt's format")
     for path, parts in by_path.items():
         weights = [gm.get_submodule(p.module) for p in parts]
         site = parts[0].site
         key = PEFT_PREFIX + path
+        if site.linear.experts:  # PEFT's ParamWrapper: A (E r, in) expert-major, B (out, r E) expert-minor
+            a, b = weights[0].lora_A.detach(), weights[0].lora_B.detach()
+            key = PEFT_PREFIX + _peft_expert_key(gm, path, parameters)
+            tensors[key + ".lora_A.weight"] = a.reshape(-1, a.shape[-1])
+            tensors[key + ".lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], -1)
+            continue
         if site.linear.conv and (config.method != "lora" or len(parts) > 1 or site.columns is not None):
             raise CheckpointError(f"adapter {name!r}: a {type(config).__name__} on the 1x1 convolution {site.name} has no PEFT form fxadapt "
                                   "writes (PEFT's format holds a LoRA of a whole convolution); use fxadapt's format")
@@ -460,7 +544,8 @@ def write_peft(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, 
             tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
             ranks[re.escape(path)] = a.shape[0]
             alphas[re.escape(path)] = scale * (math.sqrt(a.shape[0]) if config.use_rslora else a.shape[0])
-    common = {"target_modules": list(by_path), "fan_in_fan_out": any(p.site.linear.transposed for p in adapter.placements),
+    common = {"target_modules": [p for p in by_path if p not in parameters], **({"target_parameters": sorted(parameters)} if parameters else {}),
+              "fan_in_fan_out": any(p.site.linear.transposed and not p.site.linear.experts for p in adapter.placements),
               "modules_to_save": None, "inference_mode": True, "task_type": None, "base_model_name_or_path": None}
     if config.method == "ia3":
         meta = {"peft_type": "IA3", **common, "feedforward_modules": feedforward, "init_ia3_weights": True}

@@ -275,6 +275,11 @@ def place(name: str, config: PrefixTuningConfig, anatomy: Anatomy) -> list[Place
     if not own:
         raise SiteError(f"{type(config).__name__} needs attention with projected keys and values; {model_name} has none")
     own = [a for a in own if a.layer not in config.leave_out]
+    other = next((a for a in own if a.kind not in ("sdpa", "matmul")), None)
+    if other is not None:
+        raise SiteError(f"{type(config).__name__}: the attention of layer {other.layer} of {model_name} multiplies with {other.kind} "
+                        "(relative attention written as einsum, Funnel's), whose keys and values prefix tuning cannot extend; "
+                        f"leave_out=[{other.layer}] skips it")
     if config.use_gating and any(not a.batch_first for a in own):
         first = next(a for a in own if not a.batch_first)
         raise SiteError(f"{type(config).__name__}.use_gating=True: the gate reads the layer input as (batch, seq, features), but "
