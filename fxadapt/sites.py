@@ -22,7 +22,7 @@ never consulted, so renaming every module of a model gives the same sites.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 import dataclasses
 import functools
 import heapq
@@ -486,8 +486,9 @@ def _column_maps(gm: GraphModule, nodes: list[Node], linear_of, linears) -> dict
     shapes (``node.meta["val"]``); graphs without them get no column maps.
     """
     maps: dict[Node, tuple[Node, frozenset[int]]] = {}
+    order = {n: i for i, n in enumerate(nodes)}
     for node in linear_of:
-        chain = _movement_chain(node)
+        chain = _movement_chain(node, order)
         if not any(op_name(n) in SELECTING for n in chain):
             continue
         shape = example_shape(node)
@@ -526,14 +527,15 @@ def example_shape(node: Node) -> tuple[int, ...] | None:
         return tuple(int(h) for h in hints)
 
 
-def _movement_chain(start: Node) -> list[Node]:
-    chain, frontier = [], [start]
+def _movement_chain(start: Node, order: dict[Node, int]) -> list[Node]:
+    """The movement ops reached from ``start`` through movement ops only, in graph order."""
+    chain, seen, frontier = [], set(), [start]
     while frontier:
         for user in frontier.pop().users:
-            if op_name(user) in MOVEMENT and user not in chain:
+            if op_name(user) in MOVEMENT and user not in seen:
+                seen.add(user)
                 chain.append(user)
                 frontier.append(user)
-    order = {n: i for i, n in enumerate(start.graph.nodes)} if chain else {}
     return sorted(chain, key=order.__getitem__)
 
 
@@ -840,13 +842,13 @@ def _row_gate(node: Node) -> bool:
     return isinstance(val, torch.Tensor) and val.ndim >= 2 and val.shape[-1] == 1
 
 
-def _is_stream(node: Node, before: set[Node]) -> bool:
+def _is_stream(node: Node, before: Container[Node]) -> bool:
     """Whether ``node`` is the residual stream a sublayer read: one of its input's ancestors, or
     such an ancestor plus another parallel sublayer's output (Cohere's ``residual + attn + mlp``)."""
     return node in before or (op_name(node) == "add" and any(a in before for a in node.all_input_nodes))
 
 
-def _residual_add(projection: Node, before: set[Node], order, constants) -> tuple[Node | None, int, Node | None, bool, str]:
+def _residual_add(projection: Node, before: Container[Node], order, constants) -> tuple[Node | None, int, Node | None, bool, str]:
     """The residual add a sublayer's output reaches: (add, index of the residual operand, the
     sublayer's value summed, whether it is the add's own operand, why none was found)."""
     current, tail, direct = projection, None, True
@@ -935,7 +937,7 @@ def find_blocks(gm: GraphModule, sites: list[Site], attentions: list[Attention] 
             site = dataclasses.replace(site, layer=layer)
         # The residual is an input the sublayer itself derives from; a sum with another sublayer's
         # output first (parallel attention and feed-forward) is followed on to the residual add.
-        before = _ancestors(projection.args[LINEAR_OPS[op_name(projection)][0]])
+        before = _Ancestry(projection.args[LINEAR_OPS[op_name(projection)][0]], order)
         add, arg, tail, direct, why = _residual_add(projection, before, order, constants)
         if add is not None:
             found.append((site.layer, location, add, arg, site, tail, direct))
@@ -972,6 +974,28 @@ def _ancestors(node: Node, limit: int = _ANCESTOR_LIMIT) -> set[Node]:
                 seen.add(p)
                 frontier.append(p)
     return seen
+
+
+class _Ancestry:
+    """The ancestors of ``node``, asked one at a time (``x in ancestry``): a backward search that
+    never goes above the node asked about in graph order, so a question costs the nodes between the
+    two (a residual input is within its layer) and site analysis stays linear in the graph's size."""
+
+    def __init__(self, node: Node, order: dict[Node, int]):
+        self.node, self.order = node, order
+
+    def __contains__(self, target: object) -> bool:
+        if not isinstance(target, Node) or target not in self.order:
+            return False
+        lowest, seen, frontier = self.order[target], set(), [self.node]
+        while frontier:
+            for parent in frontier.pop().all_input_nodes:
+                if parent is target:
+                    return True
+                if parent not in seen and self.order[parent] > lowest:
+                    seen.add(parent)
+                    frontier.append(parent)
+        return False
 
 
 _PASS_THROUGH = MOVEMENT - SELECTING
