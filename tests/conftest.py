@@ -189,9 +189,10 @@ def restored(gm, *names: str):
         gm.eval()
 
 
-def assert_inductor_step_matches_eager(gm, inputs: dict, *, rtol: float, grad_rtol: float) -> None:
-    """One step of ``gm`` compiled whole with inductor against eager: same main output and same
-    gradients of the parameters that require them (dropout draws as eager does), each within its
+def assert_inductor_step_matches_eager(gm, inputs: dict, *, rtol: float, grad_rtol: float, backend: str = "inductor") -> None:
+    """One step of ``gm`` compiled whole with inductor (or ``backend``: "aot_eager" checks the whole
+    graph and its backward without inductor's code generation) against eager: same main output and
+    same gradients of the parameters that require them (dropout draws as eager does), each within its
     relative tolerance of the eager values' magnitude."""
     from fxadapt.testing import assert_outputs_close
 
@@ -207,9 +208,39 @@ def assert_inductor_step_matches_eager(gm, inputs: dict, *, rtol: float, grad_rt
         return out, torch.autograd.grad((out.float() * weights).mean(), params)
 
     with torch._inductor.config.patch(fallback_random=True):
-        got, got_grads = step(torch.compile(gm, fullgraph=True))
+        got, got_grads = step(torch.compile(gm, fullgraph=True, backend=backend))
     expected, expected_grads = step(gm)
     assert_outputs_close(got.detach(), expected.detach(), rtol=rtol)
     for g, e in zip(got_grads, expected_grads):
         assert e.abs().max() > 0  # a gradient that reaches the parameter
         assert_outputs_close(g, e, rtol=grad_rtol)
+
+
+def assert_lora_matches_peft(model, inputs: dict, gm, config, targets: list[str], rtol: float) -> None:
+    """Add ``config`` (a LoRA on exactly ``targets``) to ``gm``, copy the weights of PEFT's LoRA on the
+    same modules (random, ``init_lora_weights=False``) into it, and compare the first outputs; the
+    adapter is deleted again. Also checks that LoRA moves the output well beyond ``rtol``."""
+    import copy
+
+    import peft
+
+    from fxadapt.testing import assert_outputs_close, relative_error
+
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=targets,
+                                                                      init_lora_weights=False)).eval()
+    gm.add_adapter("lora", config, set_active=True)
+    try:
+        state = gm.adapter_state_dict("lora")
+        copied = 0
+        with torch.no_grad():
+            for key, p in theirs.named_parameters():
+                if "lora_" in key:
+                    path, _, param = key.removeprefix("base_model.model.").partition(".lora_")
+                    state[f"{path}.lora_{param.split('.')[0]}"].copy_(p)
+                    copied += 1
+            assert copied == len(state) == 2 * len(targets)
+            got, expected, base = gm(**inputs)[0], theirs(**inputs)[0], model(**inputs)[0]
+        assert relative_error(base, expected) > 100 * rtol, "LoRA hardly changes the output"
+        assert_outputs_close(got, expected, rtol=rtol)
+    finally:
+        gm.delete_adapter("lora")

@@ -17,15 +17,14 @@ Houlsby ``A(h) + h`` on each sublayer output h) written as forward hooks on the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 
-import peft
 import pytest
 import torch
 import transformers as T
 
 import fxadapt
+from conftest import assert_lora_matches_peft
 from fxadapt.testing import assert_outputs_close, relative_error, rounding_tolerance
 from test_references import _first, _replace_first, adapter_weights, body_by_hand, randomise_
 
@@ -99,23 +98,7 @@ def test_lora_matches_peft_on_the_same_modules(name):
     model, inputs, gm = _captured(name)
     config = fxadapt.LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v", "o"], intermediate_lora=True, output_lora=True)
     targets = sorted({s.path for s in gm.sites()})
-    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
-    gm.add_adapter("lora", config, set_active=True)
-    try:
-        state = gm.adapter_state_dict("lora")
-        copied = 0
-        with torch.no_grad():
-            for key, p in theirs.named_parameters():
-                if "lora_" in key:
-                    path, _, param = key.removeprefix("base_model.model.").partition(".lora_")
-                    state[f"{path}.lora_{param.split('.')[0]}"].copy_(p)
-                    copied += 1
-            assert copied == len(state) == 2 * len(targets)
-            got, expected, base = gm(**inputs)[0], theirs(**inputs)[0], model(**inputs)[0]
-        assert relative_error(base, expected) > 100 * RTOL, "LoRA hardly changes the output"
-        assert_outputs_close(got, expected, rtol=RTOL)
-    finally:
-        gm.delete_adapter("lora")
+    assert_lora_matches_peft(model, inputs, gm, config, targets, RTOL)
 
 
 # -- bottleneck adapters at AdapterHub's positions -----------------------------------------------

@@ -199,18 +199,17 @@ def test_ia3_per_expert_against_scaled_tensors(name, impl):
     assert all(torch.equal(gm.state_dict()[k], v) for k, v in before.items())
 
 
-def _step_time(gm, inputs, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        gm(**inputs).logits.float().pow(2).mean().backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _step_time(gm, inputs) -> float:
+    start = time.perf_counter()
+    gm(**inputs).logits.float().pow(2).mean().backward()
+    gm.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def moe_training_step_ratio(hidden: int = 256, experts: int = 8, tokens: int = 512, repeats: int = 7) -> float:
     """Median LoRA MoE training step (forward + backward, LoRA r=8 on every expert tensor, base frozen)
-    over the base MoE step (all weights trainable, as a full fine-tune), in the same process."""
+    over the base MoE step (all weights trainable, as a full fine-tune), in the same process; 0.78-0.85x
+    at hidden 256-512, 512-1024 tokens, 11 repeats, on a quiet CPU (README)."""
     cfg = T.MixtralConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=4, num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=tokens)
     torch.manual_seed(0)
@@ -220,8 +219,11 @@ def moe_training_step_ratio(hidden: int = 256, experts: int = 8, tokens: int = 5
     lora = copy.deepcopy(base)
     lora.add_adapter("a", fxadapt.LoRAConfig(r=8, selfattn_lora=False, intermediate_lora=True, output_lora=True))
     lora.train_adapter("a")
-    _step_time(base, inputs, 2), _step_time(lora, inputs, 2)  # warm up
-    return _step_time(lora, inputs, repeats) / _step_time(base, inputs, repeats)
+    for module in (base, lora, base, lora):  # warm up
+        _step_time(module, inputs)
+    # Interleaved, so that a load on the machine weighs on both alike; medians.
+    times = [(_step_time(base, inputs), _step_time(lora, inputs)) for _ in range(repeats)]
+    return statistics.median(t for _, t in times) / statistics.median(t for t, _ in times)
 
 
 def test_lora_moe_training_step_costs_about_the_base_step():

@@ -50,6 +50,22 @@ def weights_dtype(config: LoRAConfig, like: torch.Tensor) -> torch.dtype:
     return getattr(torch, config.dtype) if config.dtype else like.dtype
 
 
+def init_factors(a: torch.Tensor, b: torch.Tensor, init_weights: str, generator: torch.Generator | None) -> None:
+    """AdapterHub's initialisations of LoRA's A and B, in place: ``"lora"`` (A Kaiming-uniform with
+    a = sqrt(5), per expert on a 3-D A; B zero), ``"bert"`` (normal, std 0.02), ``"ia3"`` (ones)."""
+    with torch.no_grad():
+        if init_weights == "lora":
+            for a_e in (a if a.ndim == 3 else [a]):  # each expert's A as a linear's (fan-in = in)
+                nn.init.kaiming_uniform_(a_e, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(b)
+        elif init_weights == "bert":
+            nn.init.normal_(a, std=0.02, generator=generator)
+            nn.init.normal_(b, std=0.02, generator=generator)
+        else:  # "ia3"
+            nn.init.ones_(a)
+            nn.init.ones_(b)
+
+
 class LoRAWeights(nn.Module):
     """``lora_A`` (r, in) and ``lora_B`` (out, r) of one site, (E, r, in) and (E, out, r) at E experts;
     rank, ``scaling`` (``rank_pattern`` / ``alpha_pattern`` per module path) and ``dropout`` from the config."""
@@ -68,17 +84,7 @@ class LoRAWeights(nn.Module):
         # At a grouped 1x1 convolution B is grouped as the convolution (PEFT's lora_B): each group of
         # output channels reads its own r / groups of the rank.
         b = torch.empty(*experts, site.out_features, r // site.linear.groups, **kw)
-        g = init_generator(config, site)
-        if config.init_weights == "lora":
-            for a_e in (a if experts else [a]):  # each expert's A as a linear's (fan-in = in)
-                nn.init.kaiming_uniform_(a_e, a=math.sqrt(5), generator=g)
-            nn.init.zeros_(b)
-        elif config.init_weights == "bert":
-            nn.init.normal_(a, std=0.02, generator=g)
-            nn.init.normal_(b, std=0.02, generator=g)
-        else:  # "ia3"
-            nn.init.ones_(a)
-            nn.init.ones_(b)
+        init_factors(a, b, config.init_weights, init_generator(config, site))
         dtype = weights_dtype(config, like)
         self.lora_A = nn.Parameter(a.to(dtype))
         self.lora_B = nn.Parameter(b.to(dtype))

@@ -41,7 +41,7 @@ from ..naming import SHARED, weights_path
 from ..placement import Placement
 from ..sites import Anatomy, Site
 from .base import Emitter, Method, PeftFormat, columns_tensor
-from .lora import convert_adapterhub, fold_lora, select_sites, site_path, weights_dtype
+from .lora import convert_adapterhub, fold_lora, init_factors, select_sites, site_path, weights_dtype
 
 if TYPE_CHECKING:
     from ..module import AdaptedModule
@@ -101,27 +101,19 @@ def projections(config: LoRAConfig, in_features: int, out_features: int, device=
     """A (r, in) and B (out, r) in float32, drawn as ``init_weights`` says. ``"vera"``: PEFT's draw
     (Kaiming-uniform with gain sqrt(2), A then B from one generator seeded with ``init_weights_seed``, so
     that a seed equal to PEFT's ``projection_prng_key`` gives PEFT's matrices; the global random state
-    without a seed, as AdapterHub). AdapterHub's other choices: ``"lora"`` (A Kaiming-uniform with
-    a = sqrt(5), B zero), ``"bert"`` (normal, std 0.02), ``"ia3"`` (ones)."""
+    without a seed, as AdapterHub); AdapterHub's other choices as LoRA's (:func:`init_factors`)."""
     shapes = ((config.r, in_features), (out_features, config.r))
     if torch.device(device or "cpu").type == "meta":
         return tuple(torch.empty(s, device="meta") for s in shapes)  # type: ignore[return-value]
     g = None if config.init_weights_seed is None else torch.Generator().manual_seed(config.init_weights_seed)
     a, b = (torch.empty(s) for s in shapes)
-    with torch.no_grad():
-        if config.init_weights == "vera":
+    if config.init_weights == "vera":
+        with torch.no_grad():
             for t in (a, b):  # PEFT's _kaiming_init
                 bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(t.shape[1])
                 t.uniform_(-bound, bound, generator=g)
-        elif config.init_weights == "lora":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-            nn.init.zeros_(b)
-        elif config.init_weights == "bert":
-            nn.init.normal_(a, std=0.02, generator=g)
-            nn.init.normal_(b, std=0.02, generator=g)
-        else:  # "ia3"
-            nn.init.ones_(a)
-            nn.init.ones_(b)
+    else:
+        init_factors(a, b, config.init_weights, g)
     return a.to(device), b.to(device)
 
 
