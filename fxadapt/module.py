@@ -471,6 +471,16 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         memo = {id(original): nn.Parameter(value.detach().clone(), requires_grad=original.requires_grad) for original, value in folded.values()}
         return copy.deepcopy(source, memo)
 
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` with this module's adapters, unmerged or merged, and a KV cache:
+        the same arguments (``max_new_tokens``, ``do_sample``, ``num_beams``, ``generation_config``,
+        streamers...) and results as the captured model's ``generate``. The model's decode step is
+        captured once, as a second graph that reads the same adapter weights (see
+        :mod:`fxadapt.generation`). The module must come from a model with a language-model head."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
     def eject_prefix_tuning(self, name: str) -> None:
         """Fold an adapter's prefix generator (Embedding + MLP) into the prefixes it makes, as
         AdapterHub's ``eject_prefix_tuning``: same outputs, fewer parameters, no MLP at run time."""

@@ -61,7 +61,10 @@ class Method:
     - ``gate_location(placement)``: AdapterHub's name for where its gate sits (gating scores);
     - ``adapterhub(gm, checkpoint)``: reads AdapterHub checkpoints of ``architecture``;
     - ``peft``: its :class:`PeftFormat`, how PEFT's checkpoints of it are read and written (None: PEFT
-      has no form of it). ``fxadapt.formats.peft`` reads by ``peft_type`` and writes by method.
+      has no form of it). ``fxadapt.formats.peft`` reads by ``peft_type`` and writes by method;
+    - ``positionwise``: what it does at a position does not depend on where the sequence starts, so a
+      decode step over the new positions with a KV cache computes what the whole forward does
+      (``generate``); False for methods that add positions or pick them by index (prompt tuning, ReFT).
     """
 
     name: str
@@ -75,6 +78,7 @@ class Method:
     gate_location: Callable[[Placement], str] = lambda p: ""
     adapterhub: Callable | None = None
     peft: PeftFormat | None = None
+    positionwise: bool = True
 
 
 class Emitter:

@@ -228,4 +228,4 @@ def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
     return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
 
 
-METHOD = Method("prompt", "prompt_tuning", build, insert, place, exclusive=True, adapterhub=read_adapterhub)
+METHOD = Method("prompt", "prompt_tuning", build, insert, place, exclusive=True, adapterhub=read_adapterhub, positionwise=False)

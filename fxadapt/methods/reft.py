@@ -313,4 +313,4 @@ def read_adapterhub(gm: AdaptedModule, ckpt: AdapterHubCheckpoint) -> Converted:
     return Converted(ckpt.name, config, tensors, ckpt.weights_path, sources)
 
 
-METHOD = Method("reft", "reft", _build, insert_reft, place, adapterhub=read_adapterhub)
+METHOD = Method("reft", "reft", _build, insert_reft, place, adapterhub=read_adapterhub, positionwise=False)

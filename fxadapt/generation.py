@@ -1,0 +1,302 @@
+"""Generation with a KV cache: the decode step of a decoder LM as a second graph of an AdaptedModule.
+
+The module's main graph is one forward without a cache. :func:`generate` captures the model's *step*
+once: a forward that takes the keys and values of earlier positions and returns the logits with the
+keys and values grown by the new positions (transformers' ``DynamicCache``, flattened to tensors).
+The step graph gets the same adapters as the main graph: each active adapter is planned again on the
+step graph's anatomy, by the same dataflow rules; placements are keyed by module path, so the same
+weights act in both graphs (keys and values reach attention through the cache update here).
+
+One graph serves the prompt and every new token: the cache always starts with one masked slot (keys
+and values of zeros that no query attends to), so the past length is never 0 and torch.export keeps
+it dynamic. The slot changes no output: a masked key has weight exactly 0 in the softmax.
+
+Adapters act at each position alone (``Method.positionwise``), so a step computes what the whole
+forward computes at its positions, with one exception by design: UniPELT's gates average over the
+positions a call sees. The full forward re-gates every earlier position whenever the sequence grows,
+which no cache can do; with the cache each step's gates average over its new positions, as
+AdapterHub's generation computes them. Prompt tuning and ReFT add or pick positions and are refused.
+
+transformers' ``generate`` drives the loop (sampling, beams, stopping criteria, streamers, generation
+configs): it runs on a shallow copy of the captured model whose ``forward`` calls the step graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+
+from .errors import CaptureError, InputError
+from .methods import METHODS
+from .ops import copy_graph
+from .plan import annotate, plan
+from .sites import Anatomy, anatomy
+
+__all__ = ["generate", "step_modules", "capture_step", "StepCapture"]
+
+
+@dataclass
+class StepGraph:
+    """One captured step: its graph without adapters and its anatomy."""
+
+    graph: GraphModule
+    anatomy: Anatomy
+
+
+@dataclass
+class StepCapture:
+    """The captured steps of a model: ``prompt`` (two or more new positions) and ``token`` (one),
+    the shape of each layer's cached keys and values, ``(heads, head_dim)``, and their dtype.
+    Two graphs, because transformers' attention branches on a query of length 1."""
+
+    prompt: StepGraph
+    token: StepGraph
+    layers: list[tuple[int, int]]
+    dtype: torch.dtype
+    cache_arg: str
+
+
+class _Step(nn.Module):
+    """``model``'s forward with a cache given as tensors: ``(input_ids, attention_mask, keys,
+    values) -> (logits, keys, values)``, with position ids from the mask (left padding) as
+    transformers' ``generate`` makes them. Registers the model's own children, so the parameters
+    keep their names (``model.layers.0.self_attn.q_proj.weight``)."""
+
+    def __init__(self, model: nn.Module, cache_arg: str):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        self.__dict__["_model"] = model
+        self.cache_arg = cache_arg
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.train(model.training)  # the capture puts back this mode, on the model's modules too
+
+    def forward(self, input_ids, attention_mask, keys, values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
+        kwargs = {}
+        if self.takes_positions:
+            positions = attention_mask.long().cumsum(-1) - 1
+            start = attention_mask.shape[1] - input_ids.shape[1]
+            kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1)[:, start:]
+        out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{self.cache_arg: cache}, **kwargs)
+        return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def _cache_arg(model: nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def capture_step(model: nn.Module, model_name: str) -> StepCapture:
+    """Capture the decode step of a decoder-only transformers LM (see the module's docstring)."""
+    from transformers import DynamicCache
+
+    first = next(model.parameters())
+    cache_arg = _cache_arg(model)
+    probe = DynamicCache()
+    ids = torch.zeros(1, 2, dtype=torch.long, device=first.device)
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            model(input_ids=ids, use_cache=True, **{cache_arg: probe})
+        finally:
+            model.train(was_training)
+    layers = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in probe.layers]
+    dtype = probe.layers[0].keys.dtype
+    steps = [_capture(model, model_name, cache_arg, layers, dtype, seq) for seq in (3, 1)]
+    return StepCapture(*steps, layers, dtype, cache_arg)
+
+
+def _capture(model: nn.Module, model_name: str, cache_arg: str, layers: list, dtype: torch.dtype, seq: int) -> StepGraph:
+    """The step graph for ``seq`` new positions: any number from 2 when ``seq`` > 1, else one."""
+    from .capture import trace
+
+    device = next(model.parameters()).device
+    batch, past = 2, 4
+    keys = [torch.zeros(batch, h, past, d, dtype=dtype, device=device) for h, d in layers]
+    mask = torch.ones(batch, past + seq, dtype=torch.long, device=device)
+    mask[:, 0] = 0
+    # A batch or past length of 1 is as any other: torch.export must not specialise on it (size-oblivious).
+    dim = torch.export.Dim
+    b, p = dim("batch", min=1), dim("past", min=1)
+    dynamic = {"input_ids": {0: b, 1: dim("seq", min=2)} if seq > 1 else {0: b},
+               "attention_mask": {0: b, 1: dim("total", min=3) if seq > 1 else p + 1},
+               "keys": [{0: b, 2: p}] * len(layers), "values": [{0: b, 2: p}] * len(layers)}
+    example = (torch.randint(0, 2, (batch, seq), device=device), mask, keys, [k.clone() for k in keys])
+    try:
+        with _size_oblivious():
+            captured = trace(_Step(model, cache_arg), example, dynamic_shapes=dynamic)
+    except CaptureError as e:
+        raise CaptureError(f"{model_name}: its decode step with a KV cache could not be captured for generate(): {e}") from e
+    return StepGraph(captured.graph, anatomy(captured.graph, model_name))
+
+
+def _size_oblivious():
+    """torch.export treats sizes of 1 as any other (torch >= 2.7; a no-op before)."""
+    import torch.fx.experimental._config as fx_config
+
+    if hasattr(fx_config, "backed_size_oblivious"):
+        return fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
+def step_modules(gm) -> tuple[GraphModule, GraphModule]:
+    """The prompt and token step graphs of ``gm`` with its active, unmerged adapters, as
+    GraphModules that read ``gm``'s own weights. Rebuilt when ``gm``'s graph changed since."""
+    step = _step_capture(gm)
+    built = gm.__dict__.get("_fx_step_modules")
+    if built is None or built[0] is not gm._graph:
+        built = (gm._graph, _with_adapters(gm, step.prompt), _with_adapters(gm, step.token))
+        gm.__dict__["_fx_step_modules"] = built
+    return built[1], built[2]
+
+
+def _with_adapters(gm, step: StepGraph) -> GraphModule:
+    """``step``'s graph with ``gm``'s active, unmerged adapters planned on it by the same rules."""
+    from .module import _single_device, retarget_devices
+    from .passes.insert import OPTIMIZATIONS, insert_adapters
+
+    graph: Graph = copy_graph(step.graph.graph)
+    placements = []
+    for name in gm._fx_active:
+        if name in gm._fx_merged:
+            continue
+        for p in gm._fx_adapters[name].placements:
+            if not METHODS[p.method].positionwise:
+                raise InputError(f"generate() cannot run adapter {name!r} ({p.method}) with a KV cache: it adds positions or picks them "
+                                 "by index, so a step over the new positions is not the whole forward; deactivate it, or call "
+                                 "the module on the whole sequence each step")
+        mine = plan(name, gm._fx_adapters[name].config, step.anatomy)
+        if {p.module for p in mine} != {p.module for p in gm._fx_adapters[name].placements}:
+            raise InputError(f"adapter {name!r}: the decode step of {gm._fx_model_name} has other adapter places than its "
+                             "forward, so generate() cannot run it with a KV cache")
+        placements += mine
+    annotate(graph, placements)
+    insert_adapters(gm, graph)
+    for optimize in OPTIMIZATIONS:
+        optimize(gm, graph)
+    device = _single_device(gm)
+    if None not in (device, gm._fx_capture_device) and device != gm._fx_capture_device:
+        retarget_devices(graph, gm._fx_capture_device, device)
+    graph.lint()
+    # gm's parameters and buffers (merged weights included) and adapters; the step's own constants and guards.
+    tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    owners = {node.target: tensors[node.target] if node.target in tensors else _lookup(node.target, step.graph, gm)
+              for node in graph.nodes if node.op in ("get_attr", "call_module")}
+    module = GraphModule(owners, graph, "DecodeStep")
+    module.train(gm.training)
+    return module
+
+
+def _lookup(target: str, *roots: nn.Module):
+    """The object at dotted path ``target`` on the first of ``roots`` that has it."""
+    for root in roots:
+        obj = root
+        try:
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise AttributeError(target)
+
+
+def _step_capture(gm) -> StepCapture:
+    step = gm.__dict__.get("_fx_step")
+    if step is None:
+        source = gm.__dict__.get("_fx_source")
+        if source is None or not callable(getattr(source, "generate", None)) or not _can_generate(source):
+            name = gm._fx_model_name
+            raise InputError(f"generate() needs a model with a language-model head; {name} has none: capture a *ForCausalLM or "
+                             f"*LMHeadModel model (e.g. {name.replace('Model', 'ForCausalLM') if name.endswith('Model') else 'LlamaForCausalLM'})")
+        if getattr(source.config, "is_encoder_decoder", False):
+            raise InputError(f"generate() on {gm._fx_model_name}: encoder-decoder models do not generate with a KV cache in this version")
+        step = capture_step(source, gm._fx_model_name)
+        gm.__dict__["_fx_step"] = step
+    return step
+
+
+def _can_generate(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else False
+
+
+def generate(gm, *args, **kwargs):
+    """transformers' ``generate`` on ``gm``'s model, with ``gm``'s adapters and a KV cache (see the
+    module docstring). Takes what the model's ``generate`` takes; returns what it returns."""
+    source = gm.__dict__.get("_fx_source")
+    modules = step_modules(gm)
+    step = gm.__dict__["_fx_step"]
+    runner = copy.copy(source)  # shares the model's modules and config; only ``forward`` differs
+    runner.forward = _StepForward(*modules, step)
+    if kwargs.get("past_key_values") is not None or kwargs.get(step.cache_arg) is not None:
+        raise InputError("generate() on an AdaptedModule keeps its own KV cache: leave out past_key_values")
+    from transformers import DynamicCache
+
+    _check_length(gm, source, args, kwargs)
+    kwargs[step.cache_arg] = DynamicCache()
+    with torch.no_grad():
+        return type(source).generate(runner, *args, **kwargs)
+
+
+def _check_length(gm, source: nn.Module, args: tuple, kwargs: dict) -> None:
+    """InputError for a prompt longer than the model has positions (``max_position_embeddings``)."""
+    ids = args[0] if args else kwargs.get("input_ids")
+    limit = getattr(source.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2 and isinstance(limit, int) and ids.shape[1] > limit:
+        raise InputError(f"generate(): the prompt has {ids.shape[1]} positions; {gm._fx_model_name} has {limit} "
+                         "(max_position_embeddings), which bounds the prompt and its KV cache")
+
+
+class _StepForward:
+    """The ``forward`` transformers' ``generate`` calls: one run of a step graph (``prompt`` for two
+    or more new positions, ``token`` for one), the cache's layers set to the keys and values it
+    returns. Signature as a causal LM's, so that ``generate`` passes the inputs it passes a model."""
+
+    def __init__(self, prompt: GraphModule, token: GraphModule, step: StepCapture):
+        self.prompt, self.token, self.step = prompt, token, step
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                 cache_position=None, use_cache=True, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        cache = cache if cache is not None else past_key_values  # transformers' name from 5.24 on, and before
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        past = cache.get_seq_length()  # the masked slot included, once there is a past
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, max(past - 1, 0) + seq, dtype=torch.long, device=device)
+        if past == 0:
+            keys = [torch.zeros(batch, h, 1, d, dtype=self.step.dtype, device=device) for h, d in self.step.layers]
+            values = [k.clone() for k in keys]
+        else:
+            keys = [layer.keys for layer in cache.layers]
+            values = [layer.values for layer in cache.layers]
+        slot = torch.zeros(batch, 1, dtype=attention_mask.dtype, device=device)
+        logits, keys, values = (self.token if seq == 1 else self.prompt)(input_ids, torch.cat([slot, attention_mask], dim=1), keys, values)
+        _store(cache, keys, values)
+        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        return CausalLMOutputWithPast(logits=logits, **{field: cache})
+
+
+def _store(cache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Make ``cache``'s layers hold the step's keys and values (the whole sequence, a masked slot first)."""
+    from transformers.cache_utils import DynamicLayer
+
+    while len(cache.layers) < len(keys):
+        cache.layers.append(DynamicLayer())
+    for layer, k, v in zip(cache.layers, keys, values):
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v

@@ -1,0 +1,206 @@
+"""generate() with a KV cache on adapted decoder LMs.
+
+Oracles: a greedy loop without a cache over the module's own full forward (every method: the same
+tokens, and logits within rounding), the merged model's transformers ``generate`` (LoRA, (IA)^3),
+and the base model's ``generate`` for sampling and beam search with no adapter active.
+"""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel, TextIteratorStreamer
+
+import fxadapt
+from fxadapt.errors import CaptureError, InputError
+from fxadapt.testing import assert_outputs_close
+
+NEW = 6
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=None, bos_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, eos_token_id=None, bos_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request):
+    model = {"llama": _llama, "gpt2": _gpt2}[request.param]()
+    ids, mask = _prompt()
+    # Captured with position ids, so that the oracle passes those generate makes for left-padded rows.
+    return model, fxadapt.capture(model, example_kwargs={"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}).eval()
+
+
+def _prompt():
+    """Two prompts, the second left-padded by 2."""
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    return ids, mask
+
+
+def _positions(mask):
+    """Position ids as transformers' generate makes them: counted over the unpadded positions."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _logits(gm, ids, mask):
+    return gm(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1]
+
+
+def _greedy_without_cache(gm, ids, mask, steps=NEW):
+    """The oracle: each token from the module's full forward over the whole sequence so far."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = _logits(gm, ids, mask)
+            token = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+def _randomize(gm, name, seed=0):
+    """Adapter weights away from their identity initialisation, so every adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gm._adapter_parameters(name):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+METHODS = ["lora", "ia3", "pfeiffer", "houlsby", "pfeiffer+inv", "parallel", fxadapt.CompacterConfig(reduction_factor=4), "prefix_tuning",
+           "mam", "dora", "loha"]
+
+
+@pytest.mark.parametrize("config", METHODS)
+def test_greedy_with_cache_equals_full_forward(lm, config):
+    model, gm = lm
+    ids, mask = _prompt()
+    base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    gm.add_adapter("a", config, set_active=True)
+    try:
+        _randomize(gm, "a")
+        out = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(out, _greedy_without_cache(gm, ids, mask))
+        # The scores of every step equal the full forward's last-position logits.
+        scores = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True).logits
+        with torch.no_grad():
+            first = _logits(gm, ids, mask)
+            second = _logits(gm, out[:, :8], torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1))
+        assert_outputs_close(scores[0], first)
+        assert_outputs_close(scores[1], second)
+        assert not torch.allclose(first, _logits(model, ids, mask))  # the adapter acts
+        assert out.shape == base.shape
+    finally:
+        gm.delete_adapter("a")
+
+
+def test_unipelt_gates_per_step(lm):
+    """UniPELT's gates average over the positions of a call: the prompt step equals the full forward;
+    later steps gate over their new position (as AdapterHub generates), so its tokens may part from
+    a loop that re-gates the whole sequence each step."""
+    model, gm = lm
+    ids, mask = _prompt()
+    gm.add_adapter("a", "unipelt", set_active=True)
+    try:
+        _randomize(gm, "a")
+        out = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+        with torch.no_grad():
+            assert_outputs_close(out.logits[0], _logits(gm, ids, mask))
+        assert out.sequences.shape == (2, 10)
+    finally:
+        gm.delete_adapter("a")
+
+
+@pytest.mark.parametrize("config", ["lora", "ia3"])
+def test_unmerged_and_merged_equal_merged_model(lm, config):
+    model, gm = lm
+    ids, mask = _prompt()
+    gm.add_adapter("a", config, set_active=True)
+    try:
+        _randomize(gm, "a", seed=3)
+        with torch.no_grad():  # small LoRA weights: merged and unmerged round alike
+            for p in gm._adapter_parameters("a"):
+                p.mul_(0.2)
+        unmerged = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+        reference = gm.merge_and_unload().generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(unmerged, reference)
+        gm.merge_adapter("a")
+        assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), reference)
+        gm.reset_adapter("a")
+    finally:
+        gm.delete_adapter("a")
+
+
+def test_sampling_beams_and_streamer_as_transformers(lm):
+    """No adapter active: the same tokens as the model's own generate, for sampling (same seed), beam
+    search, a GenerationConfig and a streamer."""
+    from transformers import GenerationConfig
+
+    model, gm = lm
+    ids, mask = _prompt()
+    for kwargs in ({"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
+                   {"num_beams": 3, "do_sample": False},
+                   {"generation_config": GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)}):
+        kwargs = {"max_new_tokens": NEW, **kwargs} if "generation_config" not in kwargs else kwargs
+        torch.manual_seed(5)
+        ours = gm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        torch.manual_seed(5)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        assert torch.equal(ours, theirs), kwargs
+
+    class Collect:
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.tokens.append("end")
+
+    streamer = Collect()
+    out = gm.generate(input_ids=ids[:1], max_new_tokens=3, streamer=streamer)
+    assert streamer.tokens[-1] == "end" and [t[0] for t in streamer.tokens[1:-1]] == out[0, -3:].tolist()
+
+
+def test_step_graphs_follow_adapter_changes(lm):
+    """Activating, deactivating and training an adapter changes what generate computes."""
+    model, gm = lm
+    ids, mask = _prompt()
+    base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    gm.add_adapter("a", "pfeiffer")
+    try:
+        _randomize(gm, "a")
+        assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), base)
+        gm.set_active_adapters("a")
+        adapted = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+        assert torch.equal(adapted, _greedy_without_cache(gm, ids, mask))
+        with torch.no_grad():  # weights changed in place: the step graphs read the same parameters
+            gm._adapter_parameters("a")[0].mul_(-1)
+        assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), _greedy_without_cache(gm, ids, mask))
+        gm.set_active_adapters(None)
+        assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), base)
+    finally:
+        gm.delete_adapter("a")
+
+
+def test_bad_input():
+    gm = fxadapt.capture(LlamaModel(_llama().config))
+    with pytest.raises(InputError, match="ForCausalLM"):
+        gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+    model = _llama()
+    gm = fxadapt.capture(model)
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        gm.generate(input_ids=torch.ones(1, 65, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="not_an_argument"):  # transformers refuses unknown arguments
+        gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, not_an_argument=1)
+    gm.add_adapter("p", "prompt_tuning", set_active=True)
+    with pytest.raises(InputError, match="'p'"):
+        gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
