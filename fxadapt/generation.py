@@ -86,8 +86,10 @@ class _Step(nn.Module):
         kwargs = {}
         if self.takes_positions:
             positions = attention_mask.long().cumsum(-1) - 1
-            start = attention_mask.shape[1] - input_ids.shape[1]
-            kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1)[:, start:]
+            total = attention_mask.shape[1]
+            # The last columns by index, not by a slice (whose runtime check torch.compile cannot trace).
+            new = torch.arange(total - input_ids.shape[1], total, device=attention_mask.device)
+            kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1).index_select(1, new)
         out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{self.cache_arg: cache}, **kwargs)
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
@@ -151,14 +153,23 @@ def _size_oblivious():
     return contextlib.nullcontext()
 
 
-def step_modules(gm) -> tuple[GraphModule, GraphModule]:
+def step_modules(gm) -> tuple[nn.Module, nn.Module]:
     """The prompt and token step graphs of ``gm`` with its active, unmerged adapters, as
-    GraphModules that read ``gm``'s own weights. Rebuilt when ``gm``'s graph changed since."""
+    GraphModules that read ``gm``'s own weights, in ``gm``'s mode; compiled with the options of
+    ``gm.compile(...)`` when it was called. Rebuilt when ``gm``'s graph changed since."""
     step = _step_capture(gm)
     built = gm.__dict__.get("_fx_step_modules")
     if built is None or built[0] is not gm._graph:
-        built = (gm._graph, _with_adapters(gm, step.prompt), _with_adapters(gm, step.token))
+        modules = [_with_adapters(gm, step.prompt), _with_adapters(gm, step.token)]
+        options = gm.__dict__.get("_fx_compile")
+        if options is not None:
+            args, kwargs = options
+            # Dynamic sizes from the first call: the past grows by one every token.
+            modules = [torch.compile(m, *args, **{"dynamic": True, **kwargs}) for m in modules]
+        built = (gm._graph, *modules)
         gm.__dict__["_fx_step_modules"] = built
+    for module in built[1:]:
+        module.train(gm.training)
     return built[1], built[2]
 
 
@@ -284,6 +295,8 @@ class _StepForward:
             keys = [layer.keys for layer in cache.layers]
             values = [layer.values for layer in cache.layers]
         slot = torch.zeros(batch, 1, dtype=attention_mask.dtype, device=device)
+        for t in (*keys, *values):
+            torch._dynamo.maybe_mark_dynamic(t, 2)  # compiled steps: the past grows every token, one graph for all
         logits, keys, values = (self.token if seq == 1 else self.prompt)(input_ids, torch.cat([slot, attention_mask], dim=1), keys, values)
         _store(cache, keys, values)
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

@@ -481,6 +481,14 @@ class AdaptedModule(CheckpointMixin, GraphModule):
 
         return generate(self, *args, **kwargs)
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.nn.Module.compile`` (this module compiled in place, same arguments as
+        ``torch.compile``); ``generate`` then runs its decode steps compiled with the same options,
+        with dynamic sizes unless ``dynamic`` is given: each step graph compiles once, not per token."""
+        super().compile(*args, **kwargs)
+        self.__dict__["_fx_compile"] = (args, kwargs)
+        self.__dict__.pop("_fx_step_modules", None)
+
     def eject_prefix_tuning(self, name: str) -> None:
         """Fold an adapter's prefix generator (Embedding + MLP) into the prefixes it makes, as
         AdapterHub's ``eject_prefix_tuning``: same outputs, fewer parameters, no MLP at run time."""

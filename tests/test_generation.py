@@ -204,3 +204,24 @@ def test_bad_input():
     gm.add_adapter("p", "prompt_tuning", set_active=True)
     with pytest.raises(InputError, match="'p'"):
         gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+
+
+def test_compiled_steps_compile_once():
+    """gm.compile(): generate runs its step graphs compiled, each once (the past grows without
+    recompiling), with the eager module's tokens; the model's mode is left as it was."""
+    from torch._dynamo.utils import counters
+
+    model = _llama().train()
+    gm = fxadapt.capture(model).eval()
+    gm.add_adapter("a", "lora", set_active=True)
+    _randomize(gm, "a")
+    ids, mask = _prompt()
+    eager = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+    assert model.training and all(m.training for m in model.modules())  # the step capture restored the model's mode
+    gm.compile(backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), eager)
+    assert counters["stats"]["unique_graphs"] == 2  # the prompt step and the token step
+    gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * NEW)
+    assert counters["stats"]["unique_graphs"] == 2
