@@ -41,6 +41,7 @@ _SOURCES = {
     "capture": "capture",
     "draw": "draw",
     "export": "export",
+    "load_exported": "serving",
 }
 
 __all__ = sorted([name for name in _SOURCES if name not in ("config_id", "resolve_config")] + ["errors", "rewrite"])

@@ -92,9 +92,15 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str] | None:
     return [n if not n[0].isdigit() else f"output_{n}" for n in names] if len(set(names)) == len(names) else None
 
 
-def export(gm: AdaptedModule, path: str | Path, example_inputs: Any = None, example_kwargs: dict | None = None) -> torch.export.ExportedProgram:
+def export(gm: AdaptedModule, path: str | Path, example_inputs: Any = None, example_kwargs: dict | None = None, *,
+           max_length: int | None = None) -> torch.export.ExportedProgram | Path:
     """Write ``gm`` as it computes in eval mode to ``path``: ``.pt2`` (``torch.export.save``; load it
     with ``torch.export.load(path).module()``) or ``.onnx`` (needs ``pip install fxadapt[onnx]``).
+
+    A path without a suffix, for a module captured from a causal LM, is a directory for serving:
+    the model's prompt and token steps with a KV cache, as ``.pt2`` programs, for sequences up to
+    ``max_length`` (default: the model's positions), read back with :func:`fxadapt.load_exported`
+    (``.generate(input_ids, max_new_tokens=...)``); see :mod:`fxadapt.serving`. Returns the directory.
 
     Inputs are the graph's inputs by name (for a transformers model: ``input_ids``,
     ``attention_mask``, ...; the written model needs all of them). Without example inputs, those the
@@ -111,8 +117,14 @@ def export(gm: AdaptedModule, path: str | Path, example_inputs: Any = None, exam
     torch.Size([5, 4])
     """
     path = Path(path)
+    if not path.suffix:
+        if not isinstance(gm, AdaptedModule):
+            raise ExportError(f"fxadapt.export takes an AdaptedModule (from fxadapt.capture / rewrite), got {type(gm).__name__}")
+        from .serving import export_generation
+
+        return export_generation(gm, path, max_length)
     if path.suffix not in SUFFIXES:
-        raise ExportError(f"{path}: fxadapt.export writes {' or '.join(SUFFIXES)} files, not {path.suffix or 'no suffix'!r}")
+        raise ExportError(f"{path}: fxadapt.export writes {' or '.join(SUFFIXES)} files (or a directory for serving a decoder: no suffix), not {path.suffix!r}")
     with _replacing(path) as tmp:
         program = export_program(gm, example_inputs, example_kwargs)
         if path.suffix == ".pt2":

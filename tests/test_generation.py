@@ -5,6 +5,8 @@ tokens, and logits within rounding), the merged model's transformers ``generate`
 and the base model's ``generate`` for sampling and beam search with no adapter active.
 """
 
+import functools
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel, TextIteratorStreamer
@@ -29,12 +31,17 @@ def _gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def lm(request):
-    model = {"llama": _llama, "gpt2": _gpt2}[request.param]()
+@functools.cache
+def _captured(name):
+    model = {"llama": _llama, "gpt2": _gpt2}[name]()
     ids, mask = _prompt()
     # Captured with position ids, so that the oracle passes those generate makes for left-padded rows.
     return model, fxadapt.capture(model, example_kwargs={"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}).eval()
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def lm(request):
+    return _captured(request.param)
 
 
 def _prompt():
@@ -76,9 +83,13 @@ METHODS = ["lora", "ia3", "pfeiffer", "houlsby", "pfeiffer+inv", "parallel", fxa
            "mam", "dora", "loha"]
 
 
-@pytest.mark.parametrize("config", METHODS)
-def test_greedy_with_cache_equals_full_forward(lm, config):
-    model, gm = lm
+# Every method on Llama (rotary positions, GQA); the main families on GPT-2 (learned positions, Conv1D).
+CASES = [("llama", c) for c in METHODS] + [("gpt2", c) for c in ("lora", "ia3", "houlsby", "prefix_tuning")]
+
+
+@pytest.mark.parametrize(("arch", "config"), CASES)
+def test_greedy_with_cache_equals_full_forward(arch, config):
+    model, gm = _captured(arch)
     ids, mask = _prompt()
     base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     gm.add_adapter("a", config, set_active=True)
@@ -225,3 +236,39 @@ def test_compiled_steps_compile_once():
     assert counters["stats"]["unique_graphs"] == 2  # the prompt step and the token step
     gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * NEW)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_export_for_serving(tmp_path):
+    """fxadapt.export(gm, directory) on a causal LM: prompt and token programs whose greedy loop
+    (fxadapt.load_exported) gives gm.generate's tokens, unmerged and merged; bad input refused."""
+    from fxadapt.errors import ExportError
+
+    model = _llama()
+    gm = fxadapt.capture(model).eval()
+    gm.add_adapter("a", "lora", set_active=True)
+    gm.add_adapter("b", "pfeiffer", set_active=True)
+    for name in ("a", "b"):
+        _randomize(gm, name, seed=len(name))
+    with torch.no_grad():
+        for p in gm._adapter_parameters("a"):
+            p.mul_(0.2)
+    ids, mask = _prompt()
+    for merged in (False, True):
+        if merged:
+            gm.merge_adapter("a")
+        expected = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+        fxadapt.export(gm, tmp_path / "serve", max_length=32)
+        runner = fxadapt.load_exported(tmp_path / "serve")
+        assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
+        assert torch.equal(runner.generate(ids[:1, 2:], max_new_tokens=NEW), gm.generate(input_ids=ids[:1, 2:], max_new_tokens=NEW))
+    # eos: rows that end go on with the pad token, as transformers' generate
+    eos = int(expected[0, 8])
+    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos),
+                       gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos))
+    with pytest.raises(InputError, match="max_length"):
+        runner.generate(ids, max_new_tokens=30)
+    with pytest.raises(ExportError, match="max_length"):
+        fxadapt.export(gm, tmp_path / "other", max_length=1000)
+    (tmp_path / "serve" / "token.pt2").unlink()
+    with pytest.raises(ExportError, match="token.pt2"):
+        fxadapt.load_exported(tmp_path / "serve")
