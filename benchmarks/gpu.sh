@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU tests and the benchmark on a GPU in bfloat16, end to end in one short run: install what is
-# missing, run, write the results. Under 8 minutes in all; every step has its own time limit.
+# missing, run, write the results. Under 10 minutes in all; every step has its own time limit.
 #
 #   benchmarks/gpu.sh [OUT_DIR]          CUDA: tests/test_gpu.py -> OUT_DIR/gpu_tests.txt, then the benchmark,
-#                                        bf16, roberta-base shape -> OUT_DIR/bench.md, bench.json, env.txt
+#                                        bf16, roberta-base shape -> OUT_DIR/bench.md, bench.json, env.txt,
+#                                        then generation (benchmarks/generation.py) -> OUT_DIR/generation.md, .json
 #   benchmarks/gpu.sh --smoke [OUT_DIR]  CPU, tiny shapes (what tests/test_benchmarks.py runs)
 #
 # OUT_DIR defaults to $OUT, else benchmarks/results. PYTHON picks the interpreter (default python3).
@@ -18,6 +19,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # fxadapt from this checkou
 
 if [[ $smoke == 1 ]]; then
   args=(--smoke)
+  gen=(--smoke)
 else
   # Keep a torch that sees the GPU; otherwise install torch 2.13 (PyPI's Linux wheel is a CUDA build).
   if ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
@@ -26,6 +28,7 @@ else
   "$python" -c "import transformers, peft, pytest, hypothesis" 2>/dev/null ||
     timeout 120 "$python" -m pip install -q "transformers>=5" "peft>=0.21" networkx safetensors pytest hypothesis
   args=(--device cuda --dtype bfloat16 --rewrite-repeats 3)
+  gen=(--device cuda --dtype bfloat16 --compile)
 fi
 tests=0
 
@@ -38,4 +41,5 @@ if [[ $smoke == 0 ]]; then
   timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" || tests=$?
 fi
 timeout 320 "$python" benchmarks/bench.py "${args[@]}" --json "$out/bench.json" | tee "$out/bench.md"
+timeout 120 "$python" benchmarks/generation.py "${gen[@]}" --json "$out/generation.json" | tee "$out/generation.md"
 exit $tests

@@ -37,6 +37,7 @@ _SOURCES = {
                      "InputError", "MergeError", "SiteError"], "errors"),
     **dict.fromkeys(_config.__all__, "config"),
     "AdaptedModule": "module",
+    **dict.fromkeys(["Stack", "Parallel", "BatchSplit", "Split", "Average", "Fuse"], "composition"),
     "Site": "sites",
     "capture": "capture",
     "draw": "draw",

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .arithmetic import AVERAGE_IGNORES, combine
 from .config import DTYPES, AdapterConfig
 from .errors import AdapterError, CheckpointError, ConfigError, SiteError
 from .formats import adapterhub, native, peft
@@ -62,9 +63,6 @@ __all__ = ["CheckpointMixin", "Converted", "AdapterHubCheckpoint", "ADAPTERHUB_C
            "read_tensors", "detect_format", "resolve_module", "state_key", "AVERAGE_IGNORES", "CHECKPOINT_FILES",
            "NATIVE_CONFIG", "NATIVE_WEIGHTS", "HUB_CONFIG", "PEFT_WEIGHTS", "ADAPTERHUB_WEIGHTS"]
 
-#: Config fields ``average_adapter`` lets differ between its inputs (they do not change the function:
-#: AdapterHub ignores dropout and init_weights; the init seed is init only).
-AVERAGE_IGNORES = ("dropout", "init_weights", "init_weights_seed")
 
 
 def detect_format(directory: str) -> str:
@@ -170,21 +168,33 @@ class CheckpointMixin:
         return name
 
     def average_adapter(self: AdaptedModule, name: str, adapters: Sequence[str], weights: Sequence[float] | None = None, *,
-                        normalize_weights: bool = True, set_active: bool = False) -> None:
-        """Add adapter ``name`` whose every tensor is the weighted sum of the same-named tensors of
-        ``adapters`` (AdapterHub's ``average_adapter`` with ``combine_strategy="linear"``): LoRA's A
-        and B are each averaged (not B A), (IA)^3's vectors are averaged. Works for any method whose
-        adapters of equal config have equal parameter names and shapes.
+                        normalize_weights: bool = True, set_active: bool = False, combine_strategy: str = "linear",
+                        svd_rank: int | None = None, density: float | None = None, majority_sign_method: str = "total",
+                        svd_clamp: float | None = None, seed: int | None = None) -> None:
+        """Add adapter ``name``, a combination of ``adapters`` with ``weights`` (``fxadapt.arithmetic``).
 
-        ``weights`` default to equal; with ``normalize_weights`` (AdapterHub's default) they are
-        divided by their sum (``normalize_weights=False`` keeps them, e.g. to scale one adapter).
-        Since LoRA's A and B are each combined, the result's ``B A`` is not the weighted sum of the
-        inputs' ``B A``: with ``[1, -1]``, ``(B1 - B2)(A1 - A2)`` adds the second adapter's product
-        (with cross terms) instead of subtracting it, so this is no task arithmetic. The inputs' configs must be equal apart from ``dropout``,
-        ``init_weights`` and ``init_weights_seed`` (``AVERAGE_IGNORES``); the new adapter takes the
-        first input's config.
+        ``combine_strategy``: AdapterHub's ``"linear"`` (default: every tensor the weighted sum of the
+        same-named tensors, any method; LoRA's A and B each, so ``B A`` is not the weighted sum of the
+        inputs' ``B A``), ``"lora_linear_only_negate_b"`` (a negative weight negates B only) and
+        ``"lora_delta_w_svd"`` (the weighted sum of the unscaled ``B A``, cut to rank ``svd_rank`` by SVD);
+        PEFT's ``add_weighted_adapter`` types for LoRA, with the inputs' scalings folded in (the new
+        adapter has ``alpha = r``): ``"cat"`` (exact: ``sum w_i dW_i``, rank the sum of the ranks),
+        ``"svd"`` (rank ``svd_rank``, default the largest input rank; ``svd_clamp``), ``"ties"``,
+        ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (with ``density``; TIES with
+        ``majority_sign_method``) and their ``"_svd"`` forms. DARE draws from torch's global generator
+        as PEFT does, or from ``seed``.
+
+        ``weights`` default to equal; with ``normalize_weights`` (AdapterHub's default) they are divided
+        by their sum before the strategy uses them (pass ``normalize_weights=False`` for PEFT's
+        meaning, or for task arithmetic: ``"cat"`` with ``[1, -1]`` gives ``W + dW_a - dW_b`` exactly).
+        The inputs' configs must be equal apart from ``dropout``, ``init_weights`` and
+        ``init_weights_seed`` (``AVERAGE_IGNORES``), and for PEFT's types also ``r``, ``alpha``,
+        ``use_rslora`` and the patterns; the new adapter takes the first input's config (with its new
+        rank and alpha). Bad arguments raise ConfigError naming the field, an adapter the strategy cannot
+        combine AdapterError; the module is left unchanged.
 
         >>> gm.average_adapter("avg", ["task_a", "task_b"], [0.3, 0.7])  # doctest: +SKIP
+        >>> gm.average_adapter("diff", ["a", "b"], [1, -1], normalize_weights=False, combine_strategy="cat")  # doctest: +SKIP
         """
         names = self._names(adapters)
         if not names:
@@ -204,21 +214,9 @@ class CheckpointMixin:
             if total == 0:
                 raise AdapterError("weights sum to 0 and cannot be normalized; pass normalize_weights=False to use them as they are")
             weights = [w / total for w in weights]
-        config = self._fx_adapters[names[0]].config
-        for other in names[1:]:
-            theirs = self._fx_adapters[other].config
-            ignored = {f: getattr(config, f) for f in AVERAGE_IGNORES if hasattr(config, f)}
-            if type(theirs) is not type(config) or theirs.replace(**ignored) != config:
-                diff = [f.name for f in dataclasses.fields(config) if f.name not in ignored and getattr(config, f.name) != getattr(theirs, f.name, None)]
-                raise AdapterError(f"cannot average {names[0]!r} and {other!r}: their configs differ in {diff or type(theirs).__name__}")
-        states = [self.adapter_state_dict(n) for n in names]
-        averaged = {}
-        for key, first in states[0].items():
-            wide = torch.promote_types(first.dtype, torch.float32)
-            averaged[key] = sum(w * s[key].detach().to(wide) for w, s in zip(weights, states)).to(first.dtype)
-            if not torch.isfinite(averaged[key]).all():  # float16 overflows
-                raise AdapterError(f"averaging {names} gives non-finite values in {key} ({first.dtype})")
-        self._add_with_weights(name, config, averaged, set_active)
+        config, tensors = combine(self, names, weights, combine_strategy, svd_rank=svd_rank, density=density,
+                                  majority_sign_method=majority_sign_method, svd_clamp=svd_clamp, seed=seed)
+        self._add_with_weights(name, config, tensors, set_active)
 
     def _add_with_weights(self: AdaptedModule, name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor], set_active: bool,
                           source: Converted | None = None) -> None:

@@ -97,6 +97,13 @@ def _names(v: Any) -> str | None:
     return "must be a regular expression or a non-empty list of module names"
 
 
+def _module_names(v: Any) -> str | None:
+    """None or a non-empty list of module names (PEFT's ``modules_to_save``: a module path or its tail)."""
+    if v is None or isinstance(v, tuple) and v and all(isinstance(t, str) and t and not t.startswith(".") for t in v):
+        return None
+    return "must be null or a non-empty list of module names"
+
+
 def _pattern(valid: Check) -> Check:
     """PEFT's rank_pattern / alpha_pattern: distinct module patterns -> values."""
     def check(v: Any) -> str | None:
@@ -297,6 +304,9 @@ class LoRAConfig(_Patterns, AdapterConfig):
       (PEFT's ``feedforward_modules``); these linears are adapted on the input side only.
     - ``use_dora``: DoRA (``DoRAConfig``); ``vera_d`` / ``vera_b``: VeRA's initial d and b vectors
       (``VeraConfig``): AdapterHub's fields, each method acting only once it is in ``METHODS``.
+    - ``modules_to_save``: PEFT's: modules (a path or its tail, e.g. ``"classifier"``) of which the
+      adapter keeps its own copy; while it is active the model reads the copy, which trains with it
+      (``fxadapt.methods.saved_modules``).
 
     >>> LoRAConfig(r=8, alpha=16).scaling
     2.0
@@ -311,7 +321,7 @@ class LoRAConfig(_Patterns, AdapterConfig):
         "composition_mode": _choice("add", "scale"), "init_weights": _choice(*INIT_WEIGHTS), "init_weights_seed": _seed,
         "use_gating": _bool, "use_rslora": _bool, "targets": _names, "dtype": _optional(_choice(*DTYPES)),
         "rank_pattern": _pattern(_size), "alpha_pattern": _pattern(_positive), "input_scaling_targets": _names,
-        "use_dora": _bool, "vera_d": _optional(_finite), "vera_b": _optional(_finite),
+        "use_dora": _bool, "vera_d": _optional(_finite), "vera_b": _optional(_finite), "modules_to_save": _module_names,
     }
 
     selfattn_lora: bool = True
@@ -335,6 +345,7 @@ class LoRAConfig(_Patterns, AdapterConfig):
     use_dora: bool = False
     vera_d: float | None = None
     vera_b: float | None = None
+    modules_to_save: tuple[str, ...] | None = None
 
     @property
     def scaling(self) -> float:
@@ -491,7 +502,7 @@ class _LycorisConfig(_Patterns, AdapterConfig):
         "selfattn_lora": _bool, "intermediate_lora": _bool, "output_lora": _bool, "leave_out": _layers, "r": _size,
         "alpha": _positive, "rank_dropout": _unsupported_dropout, "module_dropout": _unsupported_dropout,
         "attn_matrices": _attn_matrices, "init_weights": _bool, "init_weights_seed": _seed, "targets": _names,
-        "rank_pattern": _pattern(_size), "alpha_pattern": _pattern(_positive),
+        "rank_pattern": _pattern(_size), "alpha_pattern": _pattern(_positive), "modules_to_save": _module_names,
     }
     # select_sites reads these of LoRA's fields: LoHa / LoKr never scale inputs.
     input_scaling_targets = None
@@ -510,6 +521,7 @@ class _LycorisConfig(_Patterns, AdapterConfig):
     targets: str | tuple[str, ...] | None = None
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    modules_to_save: tuple[str, ...] | None = None
 
     rank_for = LoRAConfig.rank_for
     alpha_for = LoRAConfig.alpha_for

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class StepCapture:
     layers: list[tuple[int, int]]
     dtype: torch.dtype
     cache_arg: str
+    encoder_decoder: bool = False
 
 
 class _Step(nn.Module):
@@ -82,7 +84,8 @@ class _Step(nn.Module):
     def forward(self, input_ids, attention_mask, keys, values):
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
+        cache = DynamicCache()
+        _store(cache, keys, values)  # the tensors themselves: DynamicCache(ddp_cache_data) would copy them once more
         kwargs = {}
         if self.takes_positions:
             positions = attention_mask.long().cumsum(-1) - 1
@@ -144,6 +147,74 @@ def _capture(model: nn.Module, model_name: str, cache_arg: str, layers: list, dt
     return StepGraph(captured.graph, anatomy(captured.graph, model_name))
 
 
+class _Seq2SeqStep(nn.Module):
+    """An encoder-decoder's decoder step: ``(decoder_input_ids, encoder_hidden_states,
+    attention_mask[, keys, values]) -> (logits, keys, values)``, the self-attention cache as tensors
+    (none on the first step). Cross-attention reads the encoder's states each step (its keys and
+    values are not cached), so adapters on cross-attention act as in the full forward."""
+
+    def __init__(self, model: nn.Module, cache_arg: str):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        self.__dict__["_model"] = model
+        self.cache_arg = cache_arg
+        self.train(model.training)
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, keys=None, values=None):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        own = DynamicCache()
+        if keys is not None:
+            _store(own, keys, values)
+        cache = EncoderDecoderCache(own, DynamicCache())
+        out = self._model(encoder_outputs=(encoder_hidden_states,), attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                          use_cache=True, **{self.cache_arg: cache})
+        return out.logits, [layer.keys for layer in own.layers], [layer.values for layer in own.layers]
+
+
+def capture_seq2seq_step(model: nn.Module, model_name: str, example: dict) -> StepCapture:
+    """Capture the decoder steps of an encoder-decoder (the first, without a past; then one token
+    with a past of any length); ``example`` holds the encoder's inputs as the capture had them."""
+    from .capture import trace
+
+    cache_arg = _cache_arg(model)
+    device = next(model.parameters()).device
+    main = model.main_input_name
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            states = model.get_encoder()(**{main: example[main][:2]}).last_hidden_state
+            step = _Seq2SeqStep(model, cache_arg)
+            mask = torch.ones(states.shape[:2], dtype=torch.long, device=device)
+            _, keys, _ = step(torch.zeros(states.shape[0], 1, dtype=torch.long, device=device), states, mask)
+        finally:
+            model.train(was_training)
+    layers = [(k.shape[1], k.shape[3]) for k in keys]
+    dtype = keys[0].dtype
+    dim = torch.export.Dim
+    b, s, p = dim("batch", min=1), dim("encoder", min=1), dim("past", min=1)
+    graphs = []
+    for first in (True, False):
+        ids = torch.zeros(states.shape[0], 1, dtype=torch.long, device=device)
+        dynamic = {"decoder_input_ids": {0: b}, "encoder_hidden_states": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
+        inputs = (ids, states, mask)
+        if not first:
+            past = [torch.zeros(states.shape[0], h, 3, d, dtype=dtype, device=device) for h, d in layers]
+            inputs += (past, [t.clone() for t in past])
+            dynamic.update(keys=[{0: b, 2: p}] * len(layers), values=[{0: b, 2: p}] * len(layers))
+        try:
+            with _size_oblivious():
+                captured = trace(_Seq2SeqStep(model, cache_arg), inputs, dynamic_shapes=dynamic)
+        except CaptureError as e:
+            raise CaptureError(f"{model_name}: its decoder step with a KV cache could not be captured for generate(): {e}") from e
+        graphs.append(StepGraph(captured.graph, anatomy(captured.graph, model_name)))
+    return StepCapture(*graphs, layers, dtype, cache_arg, encoder_decoder=True)
+
+
 def _size_oblivious():
     """torch.export treats sizes of 1 as any other (torch >= 2.7; a no-op before)."""
     import torch.fx.experimental._config as fx_config
@@ -188,13 +259,12 @@ def _with_adapters(gm, step: StepGraph) -> GraphModule:
                 raise InputError(f"generate() cannot run adapter {name!r} ({p.method}) with a KV cache: it adds positions or picks them "
                                  "by index, so a step over the new positions is not the whole forward; deactivate it, or call "
                                  "the module on the whole sequence each step")
-        mine = plan(name, gm._fx_adapters[name].config, step.anatomy)
-        if {p.module for p in mine} != {p.module for p in gm._fx_adapters[name].placements}:
-            raise InputError(f"adapter {name!r}: the decode step of {gm._fx_model_name} has other adapter places than its "
-                             "forward, so generate() cannot run it with a KV cache")
-        placements += mine
+        placements += _matched(gm, name, plan(name, gm._fx_adapters[name].config, step.anatomy))
+    setup = gm._composition()
+    if setup is not None and setup.parallel_channels > 1:
+        raise InputError(f"generate() cannot run {setup!r}: Parallel replicates the batch, one output per branch; generate with one branch active")
     annotate(graph, placements)
-    insert_adapters(gm, graph)
+    insert_adapters(gm, graph, setup)
     for optimize in OPTIMIZATIONS:
         optimize(gm, graph)
     device = _single_device(gm)
@@ -208,6 +278,37 @@ def _with_adapters(gm, step: StepGraph) -> GraphModule:
     module = GraphModule(owners, graph, "DecodeStep")
     module.train(gm.training)
     return module
+
+
+def _place(p) -> tuple:
+    """Where a placement acts, in terms both graphs share: method, weights, module path, side."""
+    return p.method, p.module, getattr(p.where, "path", None) or p.where.weight, p.side
+
+
+def _matched(gm, name: str, mine: list) -> list:
+    """The forward's placements of adapter ``name`` at the places the step's plan found (``mine``), on
+    the step graph's nodes: what the forward numbers by its own layers (a shared prefix generator's
+    slot, per-layer settings) stays as the forward has it. InputError when the places differ, apart
+    from an encoder-decoder's encoder, which the steps do not run."""
+    theirs = {_place(p): p for p in gm._fx_adapters[name].placements}
+    wanted = {key for key, p in theirs.items() if not _in_encoder(gm, p)}
+    found = {_place(p) for p in mine}
+    if found != wanted:
+        raise InputError(f"adapter {name!r}: the decode step of {gm._fx_model_name} has other adapter places than its forward "
+                         f"({len(found)} and {len(wanted)}), so generate() cannot run it with a KV cache")
+    return [dataclasses.replace(theirs[_place(p)], where=p.where, anchor=p.anchor) for p in mine]
+
+
+def _in_encoder(gm, placement) -> bool:
+    """Whether a placement acts in the encoder of an encoder-decoder (outside its decoder steps)."""
+    source = gm.__dict__["_fx_source"]
+    if not getattr(source.config, "is_encoder_decoder", False):
+        return False
+    encoder = source.get_encoder()
+    prefix = next((path for path, m in source.named_modules() if m is encoder), None)
+    where = placement.where
+    path = getattr(where, "path", None) or where.weight  # an Attention names its query projection's weight
+    return prefix is not None and path.startswith(prefix + ".")
 
 
 def _lookup(target: str, *roots: nn.Module):
@@ -232,8 +333,12 @@ def _step_capture(gm) -> StepCapture:
             raise InputError(f"generate() needs a model with a language-model head; {name} has none: capture a *ForCausalLM or "
                              f"*LMHeadModel model (e.g. {name.replace('Model', 'ForCausalLM') if name.endswith('Model') else 'LlamaForCausalLM'})")
         if getattr(source.config, "is_encoder_decoder", False):
-            raise InputError(f"generate() on {gm._fx_model_name}: encoder-decoder models do not generate with a KV cache in this version")
-        step = capture_step(source, gm._fx_model_name)
+            example = gm._fx_example[1] if gm._fx_example is not None else {}
+            if source.main_input_name not in example:
+                raise InputError(f"generate() on {gm._fx_model_name}: capture it with example inputs that name {source.main_input_name!r}")
+            step = capture_seq2seq_step(source, gm._fx_model_name, example)
+        else:
+            step = capture_step(source, gm._fx_model_name)
         gm.__dict__["_fx_step"] = step
     return step
 
@@ -250,13 +355,18 @@ def generate(gm, *args, **kwargs):
     modules = step_modules(gm)
     step = gm.__dict__["_fx_step"]
     runner = copy.copy(source)  # shares the model's modules and config; only ``forward`` differs
-    runner.forward = _StepForward(*modules, step)
+    if step.encoder_decoder:
+        runner.forward = _Seq2SeqForward(*modules, step)
+        encoder = _Encoder(gm, source)
+        runner.get_encoder = lambda *args, **kwargs: encoder
+    else:
+        runner.forward = _StepForward(*modules, step)
     if kwargs.get("past_key_values") is not None or kwargs.get(step.cache_arg) is not None:
         raise InputError("generate() on an AdaptedModule keeps its own KV cache: leave out past_key_values")
-    from transformers import DynamicCache
+    from transformers import DynamicCache, EncoderDecoderCache
 
     _check_length(gm, source, args, kwargs)
-    kwargs[step.cache_arg] = DynamicCache()
+    kwargs[step.cache_arg] = EncoderDecoderCache(DynamicCache(), DynamicCache()) if step.encoder_decoder else DynamicCache()
     with torch.no_grad():
         return type(source).generate(runner, *args, **kwargs)
 
@@ -301,6 +411,55 @@ class _StepForward:
         _store(cache, keys, values)
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(logits=logits, **{field: cache})
+
+
+class _Seq2SeqForward:
+    """The ``forward`` of an encoder-decoder's ``generate``: the first decoder step, then one token
+    at a time, the self-attention cache's layers set to the keys and values the step returns."""
+
+    def __init__(self, first: GraphModule, token: GraphModule, step: StepCapture):
+        self.first, self.token, self.step = first, token, step
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, cache=None,
+                 past_key_values=None, use_cache=True, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import Seq2SeqLMOutput
+
+        cache = cache if cache is not None else past_key_values
+        states = encoder_outputs[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        own = cache.self_attention_cache
+        if own.get_seq_length() == 0:
+            logits, keys, values = self.first(decoder_input_ids, states, attention_mask)
+        else:
+            keys = [layer.keys for layer in own.layers]
+            values = [layer.values for layer in own.layers]
+            for t in (*keys, *values):
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+            logits, keys, values = self.token(decoder_input_ids[:, -1:], states, attention_mask, keys, values)
+        _store(own, keys, values)
+        field = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+        return Seq2SeqLMOutput(logits=logits, **{field: cache})
+
+
+class _Encoder(nn.Module):
+    """What ``generate`` calls as the encoder: the module's main graph (its adapters act in the
+    encoder), with a one-token decoder input, read for ``encoder_last_hidden_state``."""
+
+    def __init__(self, gm, source: nn.Module):
+        super().__init__()
+        self.__dict__["_gm"] = gm
+        self.main = source.main_input_name
+        self.start = source.generation_config.decoder_start_token_id or 0
+
+    def forward(self, input_ids=None, attention_mask=None, input_features=None, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        inputs = input_ids if self.main == "input_ids" else input_features
+        call = {self.main: inputs, "decoder_input_ids": torch.full((inputs.shape[0], 1), self.start, dtype=torch.long, device=inputs.device)}
+        if attention_mask is not None:
+            call["attention_mask"] = attention_mask
+        return BaseModelOutput(last_hidden_state=self._gm(**call).encoder_last_hidden_state)
 
 
 def _store(cache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:

@@ -31,14 +31,19 @@ from torch.utils import _pytree as pytree
 from torch.fx import GraphModule
 
 from .checkpoint import CheckpointMixin
+from .composition import Block, check_call, validate
 from .config import AdapterConfig, BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
 from .errors import AdapterError, ConfigError, InputError, MergeError
 from .fold import fold
+from .fusion import FusionMixin, FusionRecorder
+from .fusion import attach_attentions as _attach_fusion_attentions
+from .fusion import prepare_call as _prepare_fusion_call
 from .methods import METHODS
 from .methods.base import frozen_parameters
 from .methods.gating import GateRecorder, connect
 from .naming import state_key
 from .ops import copy_graph
+from .passes import checkpointing
 from .passes.dropout import RATE_MODULE, DropoutRate
 from .passes.fuse import hoist_attribute_paths
 from .passes.insert import OPTIMIZATIONS, insert_adapters
@@ -79,10 +84,10 @@ class _Job:
 
 
 # What an AdaptedModule operation may change besides modules, parameters and the graph (see _atomic).
-_BOOKKEEPING = ("_fx_adapters", "_fx_active", "_fx_merged", "_fx_originals", "_fx_merge_inactive")
+_BOOKKEEPING = ("_fx_adapters", "_fx_active", "_fx_merged", "_fx_originals", "_fx_merge_inactive", "_fx_setup", "_fx_fusions")
 
 
-class AdaptedModule(CheckpointMixin, GraphModule):
+class AdaptedModule(FusionMixin, CheckpointMixin, GraphModule):
     """A model captured as a graph, to which named adapters are added, activated, trained,
     merged into the weights and reset. Call it as the model: same inputs, same output type.
 
@@ -117,12 +122,17 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         gm._fx_gates = GateRecorder()
         gm._fx_adapters: dict[str, _Adapter] = {}
         gm._fx_active: list[str] = []
+        gm._fx_setup: Block | None = None  # the composition block set_active_adapters was given (see _composition)
         gm._fx_merged: list[str] = []
         gm._fx_merge_inactive: set[str] = set()  # merged adapters that were inactive before: inactive again on reset
         gm._fx_originals: dict[str, nn.Parameter] = {}
+        gm._fx_fusions: dict = {}  # AdapterFusion layers by name (fxadapt.fusion)
+        gm._fx_fusion_recorder = FusionRecorder()
         gm._fx_capture_device, gm._fx_capture_dtype = _single_device(gm), _float_dtype(gm)
         gm.register_forward_pre_hook(_prepare_call, with_kwargs=True)
         gm.register_forward_hook(_attach_gating_scores, always_call=True)
+        gm.register_forward_pre_hook(_prepare_fusion_call, with_kwargs=True, prepend=True)  # pops output_adapter_fusion_attentions
+        gm.register_forward_hook(_attach_fusion_attentions, always_call=True)
         gm._rebuild()
         gm.train(model.training)
         return gm
@@ -131,12 +141,13 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         graph = copy_graph(self._fx_base)
         placements = [p for name in self._fx_active if name not in self._fx_merged for p in self._fx_adapters[name].placements]
         annotate(graph, placements)
-        insert_adapters(self, graph)
+        insert_adapters(self, graph, self._composition())
         for optimize in OPTIMIZATIONS:
             optimize(self, graph)
         device = _single_device(self)
         if None not in (device, self._fx_capture_device) and device != self._fx_capture_device:
             retarget_devices(graph, self._fx_capture_device, device)
+        checkpointing.apply(self, graph)  # activation checkpointing per layer, when enabled (activation_checkpointing_enable)
         graph.lint()
         self.graph = graph  # the setter recompiles
 
@@ -158,9 +169,19 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         return {name: a.config for name, a in self._fx_adapters.items()}
 
     @property
-    def active_adapters(self) -> list[str]:
-        """The adapters that act on the output, merged ones included."""
-        return list(self._fx_active)
+    def active_adapters(self) -> list[str] | Block:
+        """The adapters that act on the output, merged ones included: the composition block as set
+        (``Stack("a", "b")``), or a list of names."""
+        setup = self._composition()
+        return setup if setup is not None else list(self._fx_active)
+
+    def _composition(self) -> Block | None:
+        """The active composition block: the one last set, while its adapters are exactly the active
+        ones and none of them is merged (adding, deleting, merging or training others turns it off)."""
+        setup = self.__dict__.get("_fx_setup")
+        if setup is None or setup.flatten() != self._fx_active or any(n in self._fx_merged for n in self._fx_active):
+            return None
+        return setup
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -261,6 +282,8 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             adapter = self._fx_adapters.pop(name)
             for path in adapter.modules:
                 _delete_module(self, path)
+            if self._composition() is not None and name in self._fx_active:
+                self._fx_active = []  # a composition without one of its adapters is no composition: none act
             if name in self._fx_active:
                 self._fx_active.remove(name)
             self._fx_merge_inactive.discard(name)
@@ -270,14 +293,28 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         """Make exactly these adapters act, composed in this order (None or [] for none).
 
         Merged adapters act through the weights and must stay active: reset them to deactivate.
+
+        A composition block (``Stack``, ``Parallel``, ``BatchSplit``, ``Split``, ``Average`` of
+        :mod:`fxadapt.composition`) composes its adapters as AdapterHub does; AdapterError names the
+        block, adapter and rule it breaks, and nothing changes. No adapter may be merged then.
         """
+        if isinstance(names, Block):
+            setup = names
+            validate(setup, self._fx_adapters, self._fx_model_name, self._fx_fusions)
+            if self._fx_merged:
+                raise AdapterError(f"{type(setup).__name__}: adapter(s) {self._fx_merged} are merged into the weights; "
+                                   "reset_adapter() them before activating a composition")
+            with self._atomic():
+                self._fx_active, self._fx_setup = setup.flatten(), setup
+                self._rebuild()
+            return
         names = self._names(names)
         dropped = [n for n in self._fx_merged if n not in names]
         if dropped:
             raise AdapterError(f"adapter(s) {dropped} are merged into the weights; reset_adapter() them before deactivating")
         self._check_composable(names)
         with self._atomic():
-            self._fx_active = names
+            self._fx_active, self._fx_setup = names, None
             self._rebuild()
 
     def train_adapter(self, names: str | Iterable[str], also: Iterable[str] = ()) -> None:
@@ -286,7 +323,19 @@ class AdaptedModule(CheckpointMixin, GraphModule):
 
         ``also`` takes parameter names or module prefixes (e.g. ``"classifier"``). The base
         parameters are the model's own, so the model sees their ``requires_grad`` change too.
+        A composition block (``Stack("a", "b")``) trains its adapters and activates the block.
         """
+        if isinstance(names, Block):
+            setup = names
+            validate(setup, self._fx_adapters, self._fx_model_name, self._fx_fusions)
+            if self._fx_merged:
+                raise AdapterError(f"{type(setup).__name__}: adapter(s) {self._fx_merged} are merged into the weights; "
+                                   "reset_adapter() them before training a composition")
+            with self._atomic():
+                self.train_adapter(setup.flatten(), also)
+                self._fx_setup = setup
+                self._rebuild()
+            return
         names = self._names(names)
         merged = [n for n in names if n in self._fx_merged]
         if merged:
@@ -304,7 +353,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             for p in self.parameters():
                 p.requires_grad_(id(p) in trainable and id(p) not in frozen)
             self.train()
-            self._fx_active = [n for n in self._fx_merged if n not in names] + names
+            self._fx_active, self._fx_setup = [n for n in self._fx_merged if n not in names] + names, None
             self._rebuild()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -333,6 +382,10 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         exactly as it was.
         """
         names = [n for n in self._names(names) if n not in self._fx_merged]
+        setup = self._composition()
+        if setup is not None and set(names) & set(setup.flatten()):
+            raise MergeError(f"adapter(s) {sorted(set(names) & set(setup.flatten()))} compose as {setup!r}, which merging them one by one "
+                             "would not compute: fold the block with fxadapt.composition.to_lora(gm, name, block), then merge that")
         for name in names:
             adapter = self._fx_adapters[name]
             for p in adapter.placements:
@@ -373,11 +426,13 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         for name in self._fx_merged:
             for p in self._fx_adapters[name].placements:
                 folds.setdefault(p.site.weight, []).append(p)
-        touched = set(folds) | {self._fx_linears[w].bias for w in folds if self._fx_linears[w].bias}
+        # A fold may replace a parameter that is no linear's weight (modules_to_save's copies): no bias then.
+        bias_of = {w: getattr(self._fx_linears.get(w), "bias", None) for w in folds}
+        touched = set(folds) | {b for b in bias_of.values() if b}
         for path in [k for k in self._fx_originals if k not in touched]:
             _set_param(self, path, self._fx_originals.pop(path))
         for weight_path, placements in folds.items():
-            bias_path = self._fx_linears[weight_path].bias
+            bias_path = bias_of[weight_path]
             weight = self._fx_originals.setdefault(weight_path, self.get_parameter(weight_path))
             bias = self._fx_originals.setdefault(bias_path, self.get_parameter(bias_path)) if bias_path else None
             w, b = fold(weight, bias, placements, self.get_submodule, check_finite=check_finite,
@@ -499,6 +554,94 @@ class AdaptedModule(CheckpointMixin, GraphModule):
             g.eject()
         self._rebuild()
 
+    # -- gradient checkpointing ------------------------------------------------------------
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Activation checkpointing, one region per transformer layer (transformers' name and
+        arguments, so ``Trainer`` with ``activation_checkpointing=True`` turns it on).
+
+        Each layer's nodes, its adapters included, run under ``torch.utils.checkpoint.checkpoint``
+        (``use_reentrant=False``, ``preserve_rng_state=True``: recomputed in the backward pass with
+        the same dropout masks), so a training step keeps each layer's input instead of all its
+        activations. ``activation_checkpointing_kwargs`` go to ``checkpoint`` over those defaults;
+        ``every_n_layers`` checkpoints layers 0, n, 2n, ...; ``offload`` holds what is saved in host
+        memory (for a model on an accelerator; eager only). Stays on through adapter changes; eval
+        mode and ``torch.no_grad()`` run without it. A bad argument raises ConfigError naming it and
+        changes nothing. See :mod:`fxadapt.passes.checkpointing` for how layers are found.
+        """
+        options = checkpointing.settings(activation_checkpointing_kwargs, every_n_layers, offload)
+        self._set_checkpointing(options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1,
+                                      offload: bool = False) -> None:
+        """:meth:`activation_checkpointing_enable` under its older transformers name (what ``Trainer``
+        calls with ``gradient_checkpointing=True`` on models without the new one)."""
+        self._set_checkpointing(checkpointing.settings(gradient_checkpointing_kwargs, every_n_layers, offload, "gradient_checkpointing_kwargs"))
+
+    def activation_checkpointing_disable(self) -> None:
+        """Turn :meth:`activation_checkpointing_enable` off: the plain graph again."""
+        self._set_checkpointing(None)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on (transformers' name; also ``is_gradient_checkpointing``)."""
+        return self.__dict__.get(checkpointing.ENABLED_ATTR) is not None
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def _set_checkpointing(self, options) -> None:
+        before = self.__dict__.get(checkpointing.ENABLED_ATTR)
+        self.__dict__[checkpointing.ENABLED_ATTR] = options
+        try:
+            with self._atomic():
+                self._rebuild()
+        except BaseException:
+            self.__dict__[checkpointing.ENABLED_ATTR] = before
+            raise
+
+    # -- routing and disabling (fxadapt.routing) -------------------------------------------------
+
+    @torch._dynamo.disable(recursive=False)  # dynamo compiles the frames below, keyed by the regenerated forward's code
+    def __call__(self, *args, **kwargs):
+        # adapter_names (PEFT's per-sample routing) runs the routed graph instead (fxadapt.routing).
+        if "adapter_names" in kwargs:
+            from .routing import routed_call
+
+            return routed_call(self, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def adapter_indices(self, names: Iterable[str]) -> torch.Tensor:
+        """The per-row index tensor of adapter names (``"__base__"`` for the base model), to pass as
+        ``adapter_names``: under ``torch.compile`` a tensor routes without recompiling, where a list
+        of names is a constant dynamo specialises on. Valid until an adapter is deleted."""
+        from .routing import adapter_indices
+
+        return adapter_indices(self, list(names) if not isinstance(names, str) else names)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager (PEFT's): inside, the module computes the base model, merged adapters
+        included (their original weights are put in); on leaving, even by an exception, the adapters,
+        the merged weights (the same tensors) and the graph are back. Nests."""
+        saved = {k: copy.copy(self.__dict__[k]) for k in _BOOKKEEPING if k != "_fx_adapters"}
+        merged = {path: self.get_parameter(path) for path in self._fx_originals}
+        for path, original in self._fx_originals.items():
+            _set_param(self, path, original)
+        self._fx_originals, self._fx_active, self._fx_merged, self._fx_merge_inactive = {}, [], [], set()
+        self.__dict__["_fx_setup"] = None
+        self._rebuild()
+        try:
+            yield self
+        finally:
+            for path, value in merged.items():
+                _set_param(self, path, value)
+            self.__dict__.update(saved)
+            self._fx_active = [n for n in self._fx_active if n in self._fx_adapters]  # an adapter deleted inside
+            self._rebuild()
+
     # -- summary ---------------------------------------------------------------------------
 
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict]:
@@ -526,6 +669,9 @@ class AdaptedModule(CheckpointMixin, GraphModule):
         return self._fx_adapters[name]
 
     def _names(self, names) -> list[str]:
+        if isinstance(names, Block):  # its children are not a list of names (a Stack of LoRAs is no sum of them)
+            raise AdapterError(f"{names!r}: this call takes adapter names, not a composition block (set_active_adapters and "
+                               "train_adapter take blocks; fxadapt.composition.to_lora folds a Stack / Average of LoRAs into one)")
         names = [] if names is None else [names] if isinstance(names, str) else list(names)
         for n in names:
             self._adapter(n)
@@ -554,6 +700,7 @@ class AdaptedModule(CheckpointMixin, GraphModule):
 
     def _base_parameters(self):
         adapter_ids = {id(p) for name in self._fx_adapters for p in self._adapter_parameters(name)}
+        adapter_ids |= {id(p) for f in self._fx_fusions.values() for path in f.modules.values() for p in self.get_submodule(path).parameters()}
         return [(k, p) for k, p in self.named_parameters() if id(p) not in adapter_ids]
 
     def recompile(self):
@@ -641,6 +788,12 @@ def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
     inputs the graph cannot take); turn on the gate recorder for ``output_adapter_gating_scores=True``."""
     module._fx_gates.values.clear()
     module._fx_gates.active = bool(kwargs.pop("output_adapter_gating_scores", False))
+    setup = module._composition()
+    if setup is not None:  # BatchSplit / Split sizes against the batch and length of this call
+        main = kwargs.get(module._fx_inputs.main) if module._fx_inputs is not None and module._fx_inputs.main else None
+        main = main if isinstance(main, torch.Tensor) else next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        if main is not None and main.ndim > 0:
+            check_call(setup, main.shape[0], main.shape[1] if main.ndim > 1 else None, module._fx_model_name)
     spec = module._fx_inputs
     if spec is None:
         return args, kwargs

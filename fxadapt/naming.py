@@ -14,6 +14,7 @@ container              module path                                       ``adapt
 ``prefix_tunings``     ``prefix_tunings.<name>``                         ``prefix_tunings.<param>``
 ``prompt_tunings``     ``prompt_tunings.<name>``                         ``prompt_tunings.<param>``
 ``refts``              ``<layer module>.refts.<name>``                   ``<layer module>.refts.<param>``
+``modules_to_save``    ``<owner>.modules_to_save.<name>.<leaf>``         ``<owner>.modules_to_save.<leaf>.value``
 =====================  ===============================================  ==========================
 
 The first two (weights *at* a linear) drop the container with the name in their keys; the others
@@ -34,13 +35,14 @@ SHARED = "shared_parameters"
 PREFIX_TUNINGS = "prefix_tunings"
 PROMPT_TUNINGS = "prompt_tunings"
 REFTS = "refts"
+SAVED = "modules_to_save"  # PEFT's name: an adapter's own copy of a base parameter
 
 #: Containers of weights that sit at a linear: their keys leave the container out.
 AT_LINEAR = (LORAS, ADAPTERS)
 #: Every container, with the AdapterHub architecture whose weights it holds.
 CONTAINERS = {LORAS: "lora", ADAPTERS: "bottleneck", SHARED: "bottleneck", INVERTIBLE: "bottleneck",
               PREFIX_TUNINGS: "prefix_tuning", PREFIX_GATES: "prefix_tuning",
-              PROMPT_TUNINGS: "prompt_tuning", REFTS: "reft"}
+              PROMPT_TUNINGS: "prompt_tuning", REFTS: "reft", SAVED: "lora"}
 
 
 def join(*parts: str) -> str:

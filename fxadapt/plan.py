@@ -30,7 +30,10 @@ def plan(name: str, config: AdapterConfig, anatomy: Anatomy) -> list[Placement]:
     if method is None or method.place is None:
         raise SiteError(f"{type(config).__name__} has no method in this version of fxadapt")
     check_layers(config, anatomy)
-    return method.place(name, config, anatomy)
+    placements = method.place(name, config, anatomy)
+    if getattr(config, "modules_to_save", None):  # PEFT's per-adapter copies of whole modules, for any method
+        placements += METHODS["saved_modules"].place(name, config, anatomy)
+    return placements
 
 
 def _union_placements(name: str, config: ConfigUnion, anatomy: Anatomy) -> list[Placement]:

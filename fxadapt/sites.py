@@ -194,6 +194,7 @@ class Anatomy:
     attentions: list[Attention]
     embeddings: tuple[str, ...] = ()  # tables the first block's input looks up by a graph input, largest first
     unmatched: tuple[tuple[Site, str], ...] = ()  # o / ffn_out sites that close no residual block, and why
+    parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # every parameter's path -> the get_attr nodes reading it
 
 
 def _named_errors(fn):
@@ -231,7 +232,11 @@ def anatomy(gm: GraphModule, model_name: str = "model") -> Anatomy:
     sites, linears, attentions = analyse(gm)
     unmatched: list[tuple[Site, str]] = []
     blocks = find_blocks(gm, sites, attentions, unmatched)
-    return Anatomy(model_name, sites, linears, blocks, attentions, find_input_embeddings(gm, blocks), tuple(unmatched))
+    parameters: dict[str, tuple[str, ...]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and _param(gm, node) is not None:
+            parameters[node.target] = (*parameters.get(node.target, ()), node.name)
+    return Anatomy(model_name, sites, linears, blocks, attentions, find_input_embeddings(gm, blocks), tuple(unmatched), parameters)
 
 
 def find_input_embeddings(gm: GraphModule, blocks: list[Block]) -> tuple[str, ...]:

@@ -156,6 +156,7 @@ PUBLIC = {
     "ParallelConfig", "PfeifferConfig", "PfeifferInvConfig", "PrefixTuningConfig", "PromptTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "UniPELTConfig",
     "CaptureError", "CheckpointError", "ConfigError", "DrawError", "ExportError", "FxAdaptError", "IA3Config", "InputError",
     "LoRAConfig", "LoHaConfig", "LoKrConfig", "DoRAConfig", "VeraConfig", "ReftConfig", "LoReftConfig", "NoReftConfig", "DiReftConfig", "MergeError", "Site", "SiteError", "capture", "draw", "errors", "export", "rewrite",
+    "Stack", "Parallel", "BatchSplit", "Split", "Average", "Fuse", "load_exported",
 }
 
 _FRESH = """

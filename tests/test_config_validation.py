@@ -87,6 +87,7 @@ LORA_FIELDS = {
     "targets": names, "dtype": optional(one_of("float32", "float16", "bfloat16", "float64")), "rank_pattern": pattern(size),
     "alpha_pattern": pattern(positive), "input_scaling_targets": names, "use_dora": boolean, "vera_d": optional(_finite),
     "vera_b": optional(_finite),
+    "modules_to_save": lambda v: v is None or isinstance(v, (list, tuple)) and bool(v) and all(isinstance(t, str) and t and not t.startswith(".") for t in v),
 }
 BN_FIELDS = {
     "mh_adapter": boolean, "output_adapter": boolean, "reduction_factor": reduction_factor, "non_linearity": activation,

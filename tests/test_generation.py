@@ -9,10 +9,10 @@ import functools
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel, TextIteratorStreamer
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import fxadapt
-from fxadapt.errors import CaptureError, InputError
+from fxadapt.errors import InputError
 from fxadapt.testing import assert_outputs_close
 
 NEW = 6
@@ -272,3 +272,46 @@ def test_export_for_serving(tmp_path):
     (tmp_path / "serve" / "token.pt2").unlink()
     with pytest.raises(ExportError, match="token.pt2"):
         fxadapt.load_exported(tmp_path / "serve")
+
+
+def _seq2seq(name):
+    from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if name == "t5":
+        model = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    else:
+        cls, config = {"bart": (BartForConditionalGeneration, BartConfig), "marian": (MarianMTModel, MarianConfig)}[name]
+        model = cls(config(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, eos_token_id=2,
+                           decoder_start_token_id=1))
+    model.generation_config.eos_token_id = model.generation_config.forced_eos_token_id = None  # run every step: the oracle has no stop
+    return model.eval()
+
+
+@pytest.mark.parametrize(("arch", "config"), [("t5", "lora"), ("t5", "pfeiffer"), ("t5", "prefix_tuning"), ("bart", "lora"), ("bart", "houlsby"),
+                                              ("marian", "ia3")])
+def test_encoder_decoder_generate(arch, config):
+    """T5, Bart, Marian: generate with adapters (LoRA on q, v of self- and cross-attention) gives the tokens of a
+    no-cache greedy loop over the module's full forward; with no adapter, the model's own generate's."""
+    model = _seq2seq(arch)
+    ids, _ = _prompt()
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # encoder inputs padded on the right
+    gm = fxadapt.capture(model).eval()
+    assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW),
+                       model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW))
+    gm.add_adapter("a", config, set_active=True)
+    _randomize(gm, "a")
+    result = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True)
+    out = result.sequences
+    start = torch.full((2, 1), model.generation_config.decoder_start_token_id)
+    expected = start
+    with torch.no_grad():
+        for _ in range(NEW):
+            logits = gm(input_ids=ids, attention_mask=mask, decoder_input_ids=expected).logits[:, -1]
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, expected)
+    base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+    assert not torch.allclose(result.logits[0], base.logits[0])  # the adapter acts

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CheckpointError
-from ..methods import METHODS
+from ..methods import METHODS, saved_modules
 from ..methods.base import PeftFormat
 from .common import HUB_CONFIG, Converted, read_json
 
@@ -31,7 +31,10 @@ def read(gm: AdaptedModule, directory: str, key_mapping) -> Converted:
     kind, table = meta.get("peft_type"), formats()
     if not isinstance(kind, str) or kind not in table:
         raise CheckpointError(f"{path}: peft_type {kind!r} is not supported (fxadapt reads {', '.join(table)})", path=path)
-    return table[kind].read(gm, directory, path, meta, key_mapping)
+    # modules_to_save (PEFT's per-adapter copies, written by SEQ_CLS adapters) is read apart from the method.
+    saved = meta.get("modules_to_save")
+    converted = table[kind].read(gm, directory, path, {**meta, "modules_to_save": None} if saved else meta, key_mapping)
+    return saved_modules.read_peft(gm, converted, saved, path, key_mapping) if saved else converted
 
 
 def write(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch.Tensor]]:
@@ -40,4 +43,7 @@ def write(gm: AdaptedModule, name: str) -> tuple[str, dict, str, dict[str, torch
     if method is None or method.peft is None:
         raise CheckpointError(f"adapter {name!r} ({type(config).__name__}) has no PEFT form: PEFT's format holds "
                               f"{', '.join(formats())}")
-    return method.peft.write(gm, name)
+    with saved_modules.hidden(gm, name):  # the method's writer sees its own placements only
+        config_name, meta, weights_name, tensors = method.peft.write(gm, name)
+    saved_modules.write_peft(gm, name, meta, tensors)
+    return config_name, meta, weights_name, tensors

@@ -9,7 +9,7 @@ load without torch), and names the method with ``config.method``.
 
 from __future__ import annotations
 
-from . import bottleneck, dora, ia3, invertible, loha, lokr, lora, prefix, prompt, reft, vera
+from . import bottleneck, dora, ia3, invertible, loha, lokr, lora, prefix, prompt, reft, saved_modules, vera
 from .base import Method
 
 __all__ = ["METHODS", "Method"]
@@ -27,4 +27,5 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     prefix.METHOD,
     prompt.METHOD,
     reft.METHOD,
+    saved_modules.METHOD,  # PEFT's modules_to_save, added to any method's placements by fxadapt.plan
 )}

@@ -14,16 +14,19 @@ add and norm (the norm is re-applied by copying its nodes); the adapter body is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import operator
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+from torch.fx import Node
 
 import warnings
 
+from .. import composition
 from ..config import MAX_SIZE, BnConfig
 from ..formats.common import AdapterHubCheckpoint, Converted, known_fields, layer_and_location, put
-from ..errors import ConfigError, SiteError
+from ..errors import AdapterError, ConfigError, SiteError
 from ..naming import ADAPTERS, INVERTIBLE, SHARED, state_key, weights_path
 from ..placement import Placement, one_per_layer
 from ..sites import Anatomy, Block
@@ -185,22 +188,27 @@ class Bottleneck(nn.Module):
                 if isinstance(self.adapter_up, nn.Linear):
                     self.adapter_up.weight.zero_()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *shared: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *shared: torch.Tensor, return_up: bool = False):
+        """The adapter's output; with ``return_up`` also ``scaling * up(...)`` before dropout and gate
+        (AdapterHub's ``bottleneck_up``, what AdapterFusion attends over)."""
         named = dict(zip(self.shared_names, shared))
         h = x
         for layer in self.adapter_down:
             h = layer(h, named) if isinstance(layer, PHMLinear) else layer(h)
         up = self.adapter_up(h, named) if isinstance(self.adapter_up, PHMLinear) else self.adapter_up(h)
-        out = self.dropout(up * self.scaling)
+        up = up * self.scaling
+        out = self.dropout(up)
         if self.gate is not None:
             out = out * self.gate(x).unsqueeze(-1)
         if self.parallel:
-            return out if self.adapter_norm_after is None else self.adapter_norm_after(out)
-        if not self.residual_after_ln:
-            out = out + residual
-        if self.adapter_norm_after is not None:
-            out = self.adapter_norm_after(out)
-        return out + residual if self.residual_after_ln else out
+            out = out if self.adapter_norm_after is None else self.adapter_norm_after(out)
+        else:
+            if not self.residual_after_ln:
+                out = out + residual
+            if self.adapter_norm_after is not None:
+                out = self.adapter_norm_after(out)
+            out = out + residual if self.residual_after_ln else out
+        return (out, up) if return_up else out
 
 
 # -- rewrite rules ----------------------------------------------------------------------------
@@ -238,6 +246,132 @@ def insert_bottleneck(e: Emitter, p: Placement, w: Bottleneck) -> None:
         if block.norm:
             out = e.copy_nodes(block.norm, {add: out})
     e.y = out
+
+
+class _BnState(NamedTuple):
+    """AdapterHub's ``BottleneckState``: the hidden states, the block's residual input, the adapter's residual;
+    ``fresh`` while ``hidden`` and ``input_tensor`` are the block's own (its add and norm are reused)."""
+
+    hidden: Node
+    input_tensor: Node
+    residual: Node
+    last: str | None
+    fresh: bool
+    up: Node | None = None  # the last adapter's scaled up-projection, inside a Fuse
+
+
+class Composer(composition.Composer):
+    """Bottleneck adapters in a composition at one residual block, as AdapterHub's ``BottleneckLayer``:
+    ``pre_forward`` of an adapter's config before each adapter of a Stack (and once before a block, with
+    its first adapter's config), the adapter, then ``post_forward`` with the last adapter's config."""
+
+    def __init__(self, e: Emitter, placements, weights):
+        super().__init__(e, placements, weights)
+        self.block = next(iter(placements.values())).block
+        if not self.block.direct:
+            raise AdapterError(f"the {self.block.location} block of layer {self.block.layer} adds its residual later (parallel "
+                               "attention and feed-forward): bottleneck adapters there do not compose in blocks")
+        self.add = e.named(self.block.add)
+        self.r = self.add.args[self.block.residual_arg]
+        self.s = self.add.args[1 - self.block.residual_arg]
+
+    def initial(self):
+        return _BnState(self.s, self.r, self.r, None, True)
+
+    def rows(self, state):
+        return self.e.call(aten.sym_size.int, state.hidden, 0)
+
+    def _norm(self, added: Node) -> Node:
+        return self.e.copy_nodes(self.block.norm, {self.add: added}) if self.block.norm else added
+
+    def pre_block(self, block, state):
+        names = [block] if isinstance(block, str) else block.flatten()
+        config = self.placements[next(n for n in names if n in self.placements)].config
+        if config.is_parallel:  # ParallelAdapter.pre_forward: the block's input, for both
+            return state._replace(hidden=state.input_tensor, residual=state.input_tensor, fresh=False)
+        hidden, residual = state.hidden, state.residual
+        if config.residual_before_ln is True:
+            residual = hidden
+        if config.original_ln_before:
+            if state.fresh:  # LN(s + r): the block's own output
+                added, hidden = self.add, self.e.node
+            else:
+                added = self.e.call(aten.add.Tensor, hidden, state.input_tensor)
+                hidden = self._norm(added)
+            if config.residual_before_ln == "post_add":
+                residual = added
+        if config.residual_before_ln is False:
+            residual = hidden
+        return state._replace(hidden=hidden, residual=residual, fresh=False)
+
+    want_up = False  # inside a Fuse: the adapters' up-projections are read too
+
+    def single(self, name, state):
+        p = self.placements[name]
+        rule = tuple(self.e.attr(f"{path}.{n}") for path in p.shared for n in PHMShared.names(p.config))
+        args = (state.hidden, None if p.config.is_parallel else state.residual, *rule)
+        if not self.want_up:
+            return state._replace(hidden=self.e.module(p.module, *args), last=name, fresh=False)
+        both = self.e._new("call_module", p.module, args, {"return_up": True})
+        out, up = (self.e.call(operator.getitem, both, i) for i in (0, 1))
+        return state._replace(hidden=out, last=name, fresh=False, up=up)
+
+    def fuse(self, block, state, lvl):
+        """AdapterHub's ``compose_fuse``: the last adapter's ``pre_forward`` (which also gives the query), each
+        child on that state, then the fusion layer over their up-projections, plus the adapter's residual."""
+        names = [n for n in block.flatten() if n in self.placements]
+        last = block.last() if block.last() in self.placements else names[-1]
+        config, fusion = self.placements[last].config, self.fusions[block.name]
+        before = state.hidden
+        state = self.pre_block(last, state)
+        if config.is_parallel:
+            query = state.input_tensor
+        else:
+            query = before if fusion.config.query_before_ln else state.hidden
+        outer, self.want_up = self.want_up, True
+        outs = [self.single(c, state) if isinstance(c, str) else composition._run(self, c, state, lvl + 1)
+                for c in block.children if self.has_any([c] if isinstance(c, str) else c.flatten())]
+        self.want_up = outer
+        ups = self.e.call(aten.stack.default, [o.up for o in outs], 2)
+        path = fusion.modules[(self.block.layer, self.block.location)]
+        fused = self.e.module(path, query, ups, state.residual)
+        return state._replace(hidden=fused, last=last, fresh=False, up=None)
+
+    def vslice(self, state, start, stop):
+        sl = lambda t: self.slice(t, 0, start, stop)  # noqa: E731
+        return _BnState(sl(state.hidden), sl(state.input_tensor), sl(state.residual), state.last, False)
+
+    def cat(self, states):
+        cat = lambda ts: self.e.call(aten.cat.default, ts, 0)  # noqa: E731
+        return _BnState(cat([s.hidden for s in states]), cat([s.input_tensor for s in states]), cat([s.residual for s in states]),
+                        states[-1].last, False)
+
+    def seq_slice(self, state, start, stop):
+        sl = lambda t: self.slice(t, 1, start, stop)  # noqa: E731
+        return _BnState(sl(state.hidden), sl(state.input_tensor), sl(state.residual), None, False)
+
+    def seq_cat(self, states, before):
+        last = next((s.last for s in reversed(states) if s.last is not None), None)
+        return before._replace(hidden=self.e.call(aten.cat.default, [s.hidden for s in states], 1), last=last, fresh=False)
+
+    def mean(self, outs, state):
+        # AdapterHub: torch.mean(stack(outputs) * weights, 0): the weighted sum over the number of outputs
+        total = None
+        for w, out in outs:
+            term = self.e.call(aten.mul.Tensor, out.hidden, w)
+            total = term if total is None else self.e.call(aten.add.Tensor, total, term)
+        hidden = self.e.call(aten.div.Tensor, total, len(outs))
+        return outs[0][1]._replace(hidden=hidden, last=outs[-1][1].last, fresh=False)
+
+    def finish(self, state):
+        if state.last is None:
+            return
+        config, hidden = self.placements[state.last].config, state.hidden
+        if config.is_parallel:  # ParallelAdapter.post_forward: plus the sublayer output
+            hidden = self.e.call(aten.add.Tensor, hidden, self.s)
+        if config.original_ln_after:
+            hidden = self._norm(self.e.call(aten.add.Tensor, hidden, state.input_tensor))
+        self.e.y = hidden
 
 
 def _build_bottleneck(block: Block, config: BnConfig, like: torch.Tensor) -> Bottleneck:

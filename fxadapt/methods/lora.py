@@ -13,7 +13,7 @@ by the graph's own grouped matmul (same offsets) or indexing (same expert ids): 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import dataclasses
 import math
@@ -22,9 +22,11 @@ import zlib
 
 import torch
 from torch import nn
+from torch.fx import Node
 
+from .. import composition
 from ..config import DoRAConfig, IA3Config, LoRAConfig
-from ..errors import CheckpointError, ConfigError, MergeError, SiteError
+from ..errors import AdapterError, CheckpointError, ConfigError, MergeError, SiteError
 from ..formats.common import (HUB_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, AdapterHubCheckpoint, Converted, check_peft, first_file, mapped, put,
                               read_tensors, resolve_module, translate, whole_modules)
 from ..naming import LORAS, state_key, weights_path
@@ -190,6 +192,116 @@ def _gate_rows(e: Emitter, gate, x):
     if x3 is x:
         return e.call(aten.view.default, gate, [-1, 1, 1])
     return e.call(aten.repeat_interleave.self_int, gate, e.call(aten.sym_size.int, x3, 1), 0)
+
+
+class _LoRAState(NamedTuple):
+    """AdapterHub's ``LoRAState``: the layer input, the adapters' running output (None before the first),
+    the projection's output over the same rows (a node, or a list of slices to concatenate when needed),
+    the last method."""
+
+    x: Node
+    hidden: Node | None
+    y: Node | list
+    last: str | None
+    batched: bool = False  # hidden has rows (a LoRA output), not one vector for all ((IA)^3)
+
+
+class Composer(composition.Composer):
+    """LoRA and (IA)^3 in a composition at one projection, as AdapterHub's ``LoRALayer``: the first adapter
+    reads the layer input, each next one of a Stack reads the previous one's output (LoRA: ``B A h``;
+    (IA)^3: ``h * l``), and the last adapter's method combines it with the projection's output (LoRA adds,
+    (IA)^3 scales)."""
+
+    def __init__(self, e: Emitter, placements, weights):
+        super().__init__(e, placements, weights)
+        p = next(iter(placements.values()))
+        self.site = p.site
+        for q in placements.values():
+            lin = q.site.linear
+            if lin.experts or lin.conv or q.side != "output" or q.method not in ("lora", "ia3"):
+                raise AdapterError(f"adapter {q.adapter!r} at {q.describe()}: only LoRA and output-side (IA)^3 on plain linear "
+                                   "projections compose in blocks (not experts, convolutions or input scaling)")
+        self.flat = (e.x.meta["val"].ndim < 3) if isinstance(e.x.meta.get("val"), torch.Tensor) else False
+
+    def initial(self):
+        return _LoRAState(self.e.x, None, self.e.node, None)
+
+    def rows(self, state):
+        return self.e.call(aten.sym_size.int, state.x, 0)
+
+    def single(self, name, state):
+        p, w, e = self.placements[name], self.weights[name], self.e
+        if p.method == "ia3":
+            vec = e.attr(f"{p.module}.scale")
+            if w.scaling != 1.0:
+                vec = e.call(aten.mul.Tensor, vec, w.scaling)
+            hidden = vec if state.hidden is None else e.call(aten.mul.Tensor, state.hidden, vec)
+            return state._replace(hidden=hidden, last="ia3", batched=state.batched)
+        a, b = e.attr(f"{p.module}.lora_A"), e.attr(f"{p.module}.lora_B")
+        h = state.x if state.hidden is None else state.hidden
+        h = e.call(aten.type_as.default, h, a) if w.cast else h
+        if w.dropout > 0:
+            h = e.call(aten.dropout.default, h, e.rate(w.dropout), True)
+        delta = e.call(aten.linear.default, e.call(aten.linear.default, h, a), b)
+        if w.gate is not None:
+            gate_in = sequence_input(state.x)
+            gate_in = e.call(aten.type_as.default, gate_in, a) if w.cast else gate_in
+            delta = e.call(aten.mul.Tensor, delta, _gate_rows(e, e.module(f"{p.module}.gate", gate_in), state.x))
+        elif w.scaling != 1.0:
+            delta = e.call(aten.mul.Tensor, delta, w.scaling)
+        return state._replace(hidden=delta, last="lora", batched=True)
+
+    def vslice(self, state, start, stop):
+        if self.flat:
+            raise AdapterError(f"{self.site.describe()} reads its input flattened to (batch * sequence, features): Parallel / "
+                               "BatchSplit of LoRA cannot slice its rows")
+        hidden = self.slice(state.hidden, 0, start, stop) if state.batched else state.hidden
+        return _LoRAState(self.slice(state.x, 0, start, stop), hidden, self.slice(self._y(state), 0, start, stop), state.last, state.batched)
+
+    def _y(self, state) -> Node:
+        return self.e.call(aten.cat.default, state.y, 0) if isinstance(state.y, list) else state.y
+
+    def cat(self, states):
+        last = states[-1].last or next((s.last for s in reversed(states) if s.last), None)
+        x = self.e.call(aten.cat.default, [s.x for s in states], 0)
+        y = [s.y for s in states]
+        if all(s.hidden is None for s in states):
+            return _LoRAState(x, None, y, last)
+        if self.site.columns is not None:
+            raise AdapterError(f"{self.site.describe()} is part of a fused projection: Parallel / BatchSplit of LoRA or (IA)^3 "
+                               "there is not supported")
+        parts = []
+        for s in states:  # each slice's output over its rows: a missing one is neutral, a vector spread over its rows
+            rows = self._y(s)
+            if s.hidden is None:
+                parts.append(self.e.call(aten.zeros_like.default if last == "lora" else aten.ones_like.default, rows))
+            else:
+                parts.append(self.e.call(aten.expand_as.default, s.hidden, rows))
+        return _LoRAState(x, self.e.call(aten.cat.default, parts, 0), y, last, True)
+
+    def mean(self, outs, state):
+        # AdapterHub: torch.mean(stack(outputs) * weights, 0): the weighted sum over the number of outputs
+        total = None
+        for w, out in outs:
+            if out.hidden is None:
+                continue
+            term = self.e.call(aten.mul.Tensor, out.hidden, w)
+            total = term if total is None else self.e.call(aten.add.Tensor, total, term)
+        hidden = None if total is None else self.e.call(aten.div.Tensor, total, len(outs))
+        return state._replace(hidden=hidden, last=outs[-1][1].last, batched=any(out.batched for _, out in outs))
+
+    def finish(self, state):
+        if state.hidden is None:
+            return
+        e, y = self.e, self.e.y
+        hidden = e.call(aten.type_as.default, state.hidden, y)
+        if state.last == "ia3":
+            if self.site.columns is not None and state.batched:
+                raise AdapterError(f"{self.site.describe()} is part of a fused projection: this (IA)^3 composition is not supported there")
+            e.y = e.call(aten.mul.Tensor, y, e.full_vector(hidden, self.site, f"{next(iter(self.placements.values())).module}.columns", 1.0))
+        else:
+            p = next(q for q in self.placements.values() if q.method == "lora")
+            e.add_to_columns(hidden, self.site, f"{p.module}.columns")
 
 
 # -- folds ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Prefixes are batch-free and broadcast over the batch; a gate (UniPELT) scales th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import operator
 
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.fx import Node
 
+from .. import composition
 from ..config import PrefixTuningConfig
-from ..errors import CheckpointError, SiteError
+from ..errors import AdapterError, CheckpointError, SiteError
 from ..formats.common import AdapterHubCheckpoint, Converted, known_fields, layer_and_location, put
 from ..ops import MATMUL, SOFTMAX, op_name
 from ..naming import PREFIX_GATES, PREFIX_TUNINGS, state_key, weights_path
@@ -87,18 +88,38 @@ def _build_generator(config: PrefixTuningConfig, placements: list[Placement], li
 
 def insert_prefix(e: Emitter, p: Placement, gate: Gate | None) -> None:
     att, config = p.attention, p.config
+    x, batch = _begin(e, att)
+    k, v = _prefix_pair(e, p, gate, x, batch)
+    if att.kind == "sdpa":
+        _extend_sdpa(e, att, k, v, config.prefix_length)
+    else:
+        _extend_matmul(e, att, k, v, config.prefix_length)
+
+
+def _begin(e: Emitter, att: Attention) -> tuple[Node, Node]:
+    """Point the emitter where the prefix is built; the layer input (for gates) and the batch size."""
     # Matmul attention uses its keys before the anchor (the values matmul): build the prefix there.
     e.point = _key_consumer(e.named(att.scores), att.head_dim)[0] if att.kind == "matmul" else None
-    pool = e.prelude(("prefix", p.adapter), p.shared[0])
     # The layer input as the query projection reads it now (after earlier rewrites, e.g. adapters
     # closing the previous layer).
     query = e.named(att.query)
     x = sequence_input(query.args[LINEAR_OPS[op_name(query)][0]])
     # The batch size as the keys hold it: the layer input may be sequence-first (nn.MultiheadAttention).
-    keys = e.node.args[1] if att.kind == "sdpa" else _key_consumer(e.named(att.scores), att.head_dim)[1]
+    keys = _keys(e, att)
     batch = e.pre(aten.sym_size.int, keys, 0)
     if keys.meta["val"].ndim != 4:  # batch and heads flattened, as _as_layout makes the prefix
         batch = e.pre(operator.floordiv, batch, att.kv_heads)
+    return x, batch
+
+
+def _keys(e: Emitter, att: Attention) -> Node:
+    return e.node.args[1] if att.kind == "sdpa" else _key_consumer(e.named(att.scores), att.head_dim)[1]
+
+
+def _prefix_pair(e: Emitter, p: Placement, gate: Gate | None, x: Node, batch) -> tuple[Node, Node]:
+    """Adapter ``p``'s keys and values prefixes, (batch, kv_heads, P, head_dim), gated by ``x`` rows."""
+    config = p.config
+    pool = e.prelude(("prefix", p.adapter), p.shared[0])
 
     def prefix(slot: int) -> Node:  # (batch, kv_heads, P, head_dim)
         t = e.pre(aten.select.int, pool, 0, 2 * p.slot + slot)
@@ -114,10 +135,72 @@ def insert_prefix(e: Emitter, p: Placement, gate: Gate | None) -> None:
         for_v = e.pre(aten.slice.Tensor, g, 1, -1, None) if not config.shared_gating else for_k
         k = e.pre(aten.mul.Tensor, k, e.pre(aten.view.default, for_k, [-1, 1, 1, 1]))
         v = e.pre(aten.mul.Tensor, v, e.pre(aten.view.default, for_v, [-1, 1, 1, 1]))
-    if att.kind == "sdpa":
-        _extend_sdpa(e, att, k, v, config.prefix_length)
-    else:
-        _extend_matmul(e, att, k, v, config.prefix_length)
+    return k, v
+
+
+class Composer(composition.Composer):
+    """Prefix tuning in a composition (AdapterHub's ``PrefixTuningLayer``): a Stack concatenates the
+    prefixes (the last adapter's first), Parallel and BatchSplit give each slice of rows its own."""
+
+    def __init__(self, e: Emitter, placements, weights):
+        super().__init__(e, placements, weights)
+        self.att = next(iter(placements.values())).attention
+        self.x, self.batch = _begin(e, self.att)
+        self.flat = _keys(e, self.att).meta["val"].ndim != 4
+
+    def op(self, target, *args):
+        return self.e.pre(target, *args)
+
+    def initial(self):
+        return _PrefixState(None, None, 0, self.x, self.batch)
+
+    def rows(self, state):
+        return state.batch
+
+    def single(self, name, state):
+        p = self.placements[name]
+        k, v = _prefix_pair(self.e, p, self.weights[name], state.x, state.batch)
+        if state.k is not None:  # stacked: this adapter's prefix before the earlier ones
+            k, v = self.e.pre(aten.cat.default, [k, state.k], 2), self.e.pre(aten.cat.default, [v, state.v], 2)
+        return state._replace(k=k, v=v, length=state.length + p.config.prefix_length)
+
+    def vslice(self, state, start, stop):
+        if self.flat:
+            raise AdapterError(f"the attention of layer {self.att.layer} holds batch and heads in one dimension: "
+                               "Parallel / BatchSplit of prefix tuning cannot slice its rows")
+        sl = lambda t: None if t is None else self.slice(t, 0, start, stop)  # noqa: E731
+        return _PrefixState(sl(state.k), sl(state.v), state.length, sl(state.x), self.e.pre(operator.sub, stop, start))
+
+    def cat(self, states):
+        lengths = {s.length for s in states}
+        if len(lengths) > 1:
+            raise AdapterError(f"the slices of a Parallel / BatchSplit give prefixes of lengths {sorted(lengths)} at the attention of "
+                               f"layer {self.att.layer}; AdapterHub pads them with pad_token_id keys, fxadapt needs equal prefix lengths")
+        if any(s.k is None for s in states):
+            return states[0]._replace(x=self.x, batch=self.batch) if all(s.k is None for s in states) else self.cat_error()
+        cat = lambda ts: self.e.pre(aten.cat.default, ts, 0)  # noqa: E731
+        return _PrefixState(cat([s.k for s in states]), cat([s.v for s in states]), states[0].length, self.x, self.batch)
+
+    def cat_error(self):
+        raise AdapterError(f"at the attention of layer {self.att.layer} some slices of a Parallel / BatchSplit have a prefix and some "
+                           "none; fxadapt needs equal prefix lengths")
+
+    def mean(self, outs, state):
+        raise AdapterError("Average does not compose prefix tuning (AdapterHub's rule)")
+
+    def finish(self, state):
+        if state.k is None:
+            return
+        extend = _extend_sdpa if self.att.kind == "sdpa" else _extend_matmul
+        extend(self.e, self.att, state.k, state.v, state.length)
+
+
+class _PrefixState(NamedTuple):
+    k: Node | None
+    v: Node | None
+    length: int
+    x: Node
+    batch: Node
 
 
 def _as_layout(e: Emitter, prefix: Node, like: Node, heads: int) -> Node:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch.fx import Graph, GraphModule
 
+from ..composition import KINDS, compose, repeat_batch_inputs
 from ..methods import METHODS
 from ..methods.base import Emitter
 from ..plan import META_KEY
@@ -17,8 +18,13 @@ __all__ = ["insert_adapters", "OPTIMIZATIONS"]
 OPTIMIZATIONS = [optimize]
 
 
-def insert_adapters(gm: GraphModule, graph: Graph) -> None:
-    """Apply every placement annotated in ``graph`` (by ``plan.annotate``), in annotation order."""
+def insert_adapters(gm: GraphModule, graph: Graph, setup=None) -> None:
+    """Apply every placement annotated in ``graph`` (by ``plan.annotate``), in annotation order; with a
+    composition block ``setup`` (:mod:`fxadapt.composition`), the composing methods' placements at each
+    node are composed as the block says (a Parallel first repeats the graph's batch inputs)."""
+    if setup is not None and setup.parallel_channels > 1:
+        spec = getattr(gm, "_fx_inputs", None)
+        repeat_batch_inputs(graph, setup.parallel_channels, spec.main if spec is not None else None)
     by_name = {n.name: n for n in graph.nodes}
     cache: dict = {}
     for node in list(graph.nodes):
@@ -26,6 +32,10 @@ def insert_adapters(gm: GraphModule, graph: Graph) -> None:
         if not placements:
             continue
         emitter = Emitter(graph, node, by_name, cache)
+        composed = [p for p in placements if p.method in KINDS] if setup is not None else []
         for p in placements:
-            METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module) if p.module else None)
+            if p not in composed:
+                METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module) if p.module else None)
+        if composed:
+            compose(emitter, setup, composed, gm)
         emitter.finish()

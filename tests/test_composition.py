@@ -1,0 +1,283 @@
+"""Composition blocks (fxadapt.composition: Stack, Parallel, BatchSplit, Split, Average) against AdapterHub
+1.3.0's own outputs (tests/fixtures/adapterhub/<model>/compose_*/, made by make_adapterhub_fixtures.py
+--compositions), AdapterHub's rules as typed errors that change nothing, gradients by hand, one compiled
+graph per composition, and Stack / Average of LoRAs folded into one LoRA and merged."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+import fxadapt
+from fxadapt.composition import Average, BatchSplit, Block, Parallel, Split, Stack, to_lora
+from fxadapt.errors import AdapterError, InputError
+from fxadapt.testing import assert_unchanged, relative_error, rounding_tolerance, snapshot
+
+HUB = Path(__file__).parent / "fixtures" / "adapterhub"
+# AdapterHub ran on transformers 4.57 (another graph, another summation order): float32 rounding over the
+# hidden width, through two layers.
+RTOL = rounding_tolerance(torch.float32, 128, depth=2)
+FIXTURES = sorted(f"{d.parent.name}/{d.name}" for d in HUB.glob("*/compose_*") if d.is_dir())
+
+_BASES: dict = {}
+
+
+def base(model_dir: str):
+    """A fixture's base model (transformers 5) captured, once per module; tests delete what they add."""
+    if model_dir not in _BASES:
+        _BASES[model_dir] = fxadapt.capture(T.AutoModel.from_pretrained(HUB / model_dir / "base").eval())
+    return _BASES[model_dir]
+
+
+def io(fixture: str) -> dict:
+    return load_file(HUB / fixture / "io.safetensors")
+
+
+def run(gm, inputs):
+    with torch.no_grad():
+        return gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+
+
+def load(gm, fixture: str) -> dict:
+    """Load the fixture's adapters into ``gm`` (with what AdapterHub's save_adapter left out); its meta."""
+    meta = json.loads((HUB / fixture / "meta.json").read_text())
+    for name in meta["adapters"]:
+        directory = HUB / fixture / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Compacter's rule missing from AdapterHub's file: put back below
+            gm.load_adapter(str(directory), name)
+        if (directory / "not_saved_by_adapterhub.safetensors").exists():
+            state = gm.adapter_state_dict(name)
+            with torch.no_grad():
+                for key, value in load_file(directory / "not_saved_by_adapterhub.safetensors").items():
+                    state[key.replace(f".{name}.", ".")].copy_(value)
+    return meta
+
+
+@pytest.fixture
+def clean():
+    """Delete every adapter a test added to the shared captures."""
+    yield
+    for gm in _BASES.values():
+        gm.set_active_adapters(None)
+        for name in list(gm.adapters):
+            gm.delete_adapter(name)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_matches_adapterhub(fixture, clean):
+    gm = base(fixture.split("/")[0])
+    meta = load(gm, fixture)
+    setup = Block.from_dict(meta["composition"])
+    gm.set_active_adapters(setup)
+    assert gm.active_adapters == setup and gm.active_adapters.to_dict() == meta["composition"]  # AdapterHub's normalised weights too
+    out, expected = run(gm, io(fixture)), io(fixture)["last_hidden_state"]
+    assert out.shape == expected.shape  # Parallel: one batch per branch
+    error = relative_error(out, expected)
+    assert error < RTOL, f"{fixture}: {error:.2e}"
+    base_out = io(fixture)["base_last_hidden_state"]
+    assert relative_error(out[: base_out.shape[0]], base_out) > 1e3 * RTOL  # the adapters act
+
+
+def test_fixtures_cover_every_block():
+    kinds = {(f.split("/")[1].split("_")[1], f.split("/")[1].split("_")[2]) for f in FIXTURES}
+    for block in ("stack", "parallel", "batchsplit", "split", "average"):
+        assert (block, "pfeiffer") in kinds
+    assert {("stack", "lora"), ("stack", "prefix"), ("parallel", "prefix"), ("average", "lora"), ("batchsplit", "lora")} <= kinds
+    assert any(f.startswith("llama/compose_stack") for f in FIXTURES) and any(f.startswith("llama/compose_parallel") for f in FIXTURES)
+
+
+def test_list_is_unchanged_and_blocks_round_trip(clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_stack_lora_lora")
+    gm.set_active_adapters(["a", "b"])  # a list composes as before: the LoRA updates add up
+    assert gm.active_adapters == ["a", "b"]
+    listed = run(gm, io("roberta/compose_stack_lora_lora"))
+    gm.set_active_adapters(Stack("a", "b"))  # AdapterHub's Stack chains them: another function
+    assert relative_error(run(gm, io("roberta/compose_stack_lora_lora")), listed) > 1e3 * RTOL
+    setup = Stack("a", Average("a", "b", weights=[1, 3]))
+    assert Block.from_dict(setup.to_dict()) == setup and setup.children[1].weights == [0.25, 0.75]
+    assert fxadapt.Stack is Stack and fxadapt.Average is Average
+
+
+# -- AdapterHub's rules -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setup, match", [
+    (Stack("a", "nope"), "no adapter 'nope'"),
+    (Split("a", "b", splits=[4, 3]), "Split cannot compose adapter 'a': its lora adapters compose only in Stack"),
+    (Average("p", "q"), "Average cannot compose adapter 'p': its prefix adapters"),
+    (Parallel("a", Parallel("b", "c")), "cannot nest Parallel"),
+    (Parallel("a", Stack("b", Average("c", "a"))), "too deep"),
+    (Stack("a", Stack("b", "c")), "cannot nest Stack"),
+    (Stack("a", "i"), "invertible adapters"),
+    (Average("a", "dora"), "'dora' has dora adapters, which do not compose"),
+])
+def test_refused_setups_change_nothing(setup, match, clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_batchsplit_lora_stack")
+    gm.add_adapter("p", fxadapt.PrefixTuningConfig(prefix_length=2))
+    gm.add_adapter("q", fxadapt.PrefixTuningConfig(prefix_length=2))
+    gm.add_adapter("i", "pfeiffer+inv")
+    gm.add_adapter("dora", fxadapt.DoRAConfig(r=2))
+    gm.set_active_adapters(Stack("a", "b"))
+    before = snapshot(gm)
+    with pytest.raises(AdapterError, match=match):
+        gm.set_active_adapters(setup)
+    assert_unchanged(gm, before)
+    assert gm.active_adapters == Stack("a", "b")
+
+
+def test_stacked_loras_need_square_projections(clean):
+    # AdapterHub itself fails on this one (compose_failed.json): v_proj maps 64 -> 32 under grouped-query attention.
+    assert "stack_lora_lora" in json.loads((HUB / "llama" / "compose_failed.json").read_text())
+    gm = base("llama")
+    gm.add_adapter("a", fxadapt.LoRAConfig(r=4))
+    gm.add_adapter("b", fxadapt.LoRAConfig(r=4))
+    before = snapshot(gm)
+    with pytest.raises(AdapterError, match=r"Stack\('a', 'b'\).*v_proj.*in_features == out_features.*64 -> 32"):
+        gm.set_active_adapters(Stack("a", "b"))
+    assert_unchanged(gm, before)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: BatchSplit("a", "b", batch_sizes=[1]),
+    lambda: Split("a", "b", splits=[1, -1]),
+    lambda: Average("a", "b", weights=[1, -1]),
+    lambda: Average("a", "b", weights=[1, float("nan")]),
+    lambda: Stack(),
+])
+def test_bad_blocks(bad):
+    with pytest.raises(AdapterError):
+        bad()
+
+
+def test_sizes_checked_at_call_time(clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_batchsplit_pfeiffer_pfeiffer")
+    inputs = io("roberta/compose_batchsplit_pfeiffer_pfeiffer")
+    gm.set_active_adapters(BatchSplit("a", "b", batch_sizes=[1, 2]))
+    with pytest.raises(InputError, match=r"batch_sizes=\[1, 2\] sum to 3, but the batch size there is 2"):
+        run(gm, inputs)
+    gm.set_active_adapters(Parallel(Stack("a"), BatchSplit("a", "b", batch_sizes=[1, 1])))  # inside Parallel: one branch's rows
+    assert run(gm, inputs).shape[0] == 4
+    gm.set_active_adapters(Split("a", "b", splits=[4, 4]))
+    with pytest.raises(InputError, match=r"splits=\[4, 4\] sum to 8, but the sequence length is 7"):
+        run(gm, inputs)
+
+
+# -- training, compile, merge -------------------------------------------------------------------------
+
+def test_gradients_reach_exactly_the_composition(clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_batchsplit_lora_stack")
+    gm.add_adapter("d", fxadapt.LoRAConfig(r=4, init_weights="bert"))
+    setup = BatchSplit("a", Stack("b", "c"), batch_sizes=[1, 1])
+    gm.train_adapter(setup)
+    assert gm.active_adapters == setup
+    gm.eval()  # no dropout: the hand check below is exact
+    inputs = io("roberta/compose_batchsplit_lora_stack")
+    out = gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    out[1].square().sum().backward()  # the second row only: Stack("b", "c") acts on it, "a" on the first
+    grads = {n: (p.grad is not None and bool(p.grad.abs().sum() > 0)) for n, p in gm.named_parameters()}
+    for name, moved in grads.items():
+        owner = next((a for a in "abcd" if f".{a}." in f".{name}."), None)
+        assert moved == (owner in ("b", "c")), name
+    assert all(p.grad is None for n, p in gm.named_parameters() if ".d." in f".{n}." or not p.requires_grad)
+    gm.zero_grad(set_to_none=True)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+
+
+def test_compiles_as_one_graph(clean):
+    from torch._dynamo.utils import counters
+
+    gm = base("roberta")
+    load(gm, "roberta/compose_stack_pfeiffer_lora")  # a: Pfeiffer, b: LoRA
+    gm.set_active_adapters(Parallel(Stack("a", "b"), BatchSplit("b", "a", batch_sizes=[1, 1])))
+    inputs = io("roberta/compose_stack_pfeiffer_lora")
+    eager = run(gm, inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    out = run(compiled, inputs)
+    assert sum(counters["graph_break"].values()) == 0
+    assert relative_error(out, eager) < RTOL
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("setup", [Stack("a", "b"), Average("a", "b", weights=[0.2, 0.9]), Stack("a", Average(Stack("a", "b"), "b"))])
+def test_stack_and_average_of_loras_merge(setup, clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_stack_lora_lora")
+    inputs = io("roberta/compose_stack_lora_lora")
+    gm.set_active_adapters(setup)
+    composed = run(gm, inputs)
+    to_lora(gm, "m", setup)
+    gm.set_active_adapters("m")
+    assert relative_error(run(gm, inputs), composed) < RTOL
+    gm.merge_adapter("m")
+    assert relative_error(run(gm, inputs), composed) < RTOL
+    gm.reset_adapter("m")
+
+
+def test_only_stack_and_average_of_loras_merge(clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_stack_pfeiffer_lora")
+    before = snapshot(gm)
+    with pytest.raises(AdapterError, match="'a' is not an ungated LoRA"):
+        to_lora(gm, "m", Stack("a", "b"))
+    with pytest.raises(AdapterError, match="BatchSplit does not fold"):
+        to_lora(gm, "m", BatchSplit("b", "b", batch_sizes=1))
+    assert_unchanged(gm, before)
+
+
+def test_merging_a_composed_adapter_alone_is_refused(clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_stack_lora_lora")
+    gm.set_active_adapters(Stack("a", "b"))
+    before = snapshot(gm)
+    with pytest.raises(fxadapt.MergeError, match=r"compose as Stack\('a', 'b'\).*to_lora"):
+        gm.merge_adapter("a")
+    with pytest.raises(fxadapt.MergeError, match="to_lora"):
+        gm.merge_and_unload()
+    with pytest.raises(AdapterError, match="not a composition block"):
+        gm.merge_adapter(Stack("a", "b"))
+    assert_unchanged(gm, before)
+
+
+@pytest.mark.parametrize("fixture", ["roberta/compose_stack_lora_lora", "roberta/compose_stack_ia3_ia3"])
+def test_parallel_is_each_branch_alone(fixture, clean):
+    # AdapterHub 1.3.0 fails on a Parallel of LoRAs on RoBERTa (compose_failed.json); the block's definition is
+    # the oracle: each branch's output is the model with that adapter alone, concatenated along the batch.
+    gm = base("roberta")
+    load(gm, fixture)
+    inputs = io(fixture)
+    alone = []
+    for name in ("a", "b"):
+        gm.set_active_adapters(name)
+        alone.append(run(gm, inputs))
+    gm.set_active_adapters(Parallel("a", "b"))
+    out = run(gm, inputs)
+    assert relative_error(out, torch.cat(alone)) < RTOL
+    assert relative_error(alone[0], alone[1]) > 1e3 * RTOL
+    gm.set_active_adapters(BatchSplit("b", "a", batch_sizes=[1, 1]))
+    assert relative_error(run(gm, inputs), torch.cat([alone[1][:1], alone[0][1:]])) < RTOL
+
+
+def test_leaving_a_composition(clean):
+    gm = base("roberta")
+    load(gm, "roberta/compose_stack_pfeiffer_pfeiffer")
+    gm.set_active_adapters(Stack("a", "b"))
+    gm.set_active_adapters(["a"])  # a list: no block any more
+    assert gm.active_adapters == ["a"]
+    gm.set_active_adapters(Stack("a", "b"))
+    gm.delete_adapter("b")  # the block without b is no block: nothing acts
+    assert gm.active_adapters == []
+    assert relative_error(run(gm, io("roberta/compose_stack_pfeiffer_pfeiffer")),
+                          io("roberta/compose_stack_pfeiffer_pfeiffer")["base_last_hidden_state"]) < RTOL
