@@ -19,6 +19,13 @@ AdapterHub's generation computes them. Prompt tuning and ReFT add or pick positi
 
 transformers' ``generate`` drives the loop (sampling, beams, stopping criteria, streamers, generation
 configs): it runs on a shallow copy of the captured model whose ``forward`` calls the step graph.
+
+``generate(..., adapter_names=[...])`` routes each row through its own adapter, as PEFT's: the step
+graphs are built in routed form (:func:`routed_step_modules`: :func:`fxadapt.routing.build_graph` on
+each step graph, with every routable adapter's placements there), reading the per-row index as one
+more input. When ``generate`` expands the batch (``num_beams``, ``num_return_sequences``), the index
+is repeated with it, row by row; an encoder-decoder's encoder runs the routed forward on the rows
+as given.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from .passes.fuse import hoist_attribute_paths
 from .plan import annotate, plan
 from .sites import Anatomy, anatomy
 
-__all__ = ["generate", "step_modules", "capture_step", "StepCapture"]
+__all__ = ["generate", "step_modules", "routed_step_modules", "capture_step", "StepCapture"]
 
 
 @dataclass
@@ -253,14 +260,8 @@ def _with_adapters(gm, step: StepGraph, lean: bool = True) -> GraphModule:
     graph: Graph = copy_graph(step.graph.graph)
     placements = []
     for name in gm._fx_active:
-        if name in gm._fx_merged:
-            continue
-        for p in gm._fx_adapters[name].placements:
-            if not METHODS[p.method].positionwise:
-                raise InputError(f"generate() cannot run adapter {name!r} ({p.method}) with a KV cache: it adds positions or picks them "
-                                 "by index, so a step over the new positions is not the whole forward; deactivate it, or call "
-                                 "the module on the whole sequence each step")
-        placements += _matched(gm, name, plan(name, gm._fx_adapters[name].config, step.anatomy))
+        if name not in gm._fx_merged:
+            placements += _step_placements(gm, name, step)
     setup = gm._composition()
     if setup is not None and setup.parallel_channels > 1:
         raise InputError(f"generate() cannot run {setup!r}: Parallel replicates the batch, one output per branch; generate with one branch active")
@@ -273,6 +274,22 @@ def _with_adapters(gm, step: StepGraph, lean: bool = True) -> GraphModule:
     if None not in (device, gm._fx_capture_device) and device != gm._fx_capture_device:
         retarget_devices(graph, gm._fx_capture_device, device)
     graph.lint()
+    return _module(gm, step, graph, lean)
+
+
+def _step_placements(gm, name: str, step: StepGraph) -> list:
+    """Adapter ``name``'s placements on ``step``'s graph (see :func:`_matched`); InputError for a
+    method a step over the new positions cannot run."""
+    for p in gm._fx_adapters[name].placements:
+        if not METHODS[p.method].positionwise:
+            raise InputError(f"generate() cannot run adapter {name!r} ({p.method}) with a KV cache: it adds positions or picks them "
+                             "by index, so a step over the new positions is not the whole forward; deactivate it, or call "
+                             "the module on the whole sequence each step")
+    return _matched(gm, name, plan(name, gm._fx_adapters[name].config, step.anatomy))
+
+
+def _module(gm, step: StepGraph, graph: Graph, lean: bool) -> GraphModule:
+    """``graph`` (a form of ``step``'s) as a GraphModule that reads ``gm``'s weights, in ``gm``'s mode."""
     # gm's parameters and buffers (merged weights included) and adapters; the step's own constants.
     tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     owners = {node.target: tensors[node.target] if node.target in tensors else _lookup(node.target, step.graph, gm)
@@ -284,6 +301,61 @@ def _with_adapters(gm, step: StepGraph, lean: bool = True) -> GraphModule:
         module._graph = graph
     module.train(gm.training)
     return module
+
+
+def routed_step_modules(gm) -> tuple[nn.Module, nn.Module]:
+    """The prompt and token steps (an encoder-decoder's first and token steps) with every routable
+    adapter of ``gm`` gathered per row (:func:`fxadapt.routing.build_graph` on each step graph, with
+    the adapters' placements there), as callables ``step(*inputs, index)`` that return what the plain
+    step returns. Cached until the routable adapters, the device or the compile options change."""
+    from .routing import build_graph, routable, routing_key
+
+    step = _step_capture(gm)
+    options = gm.__dict__.get("_fx_compile")
+    key = (routing_key(gm), options)
+    built = gm.__dict__.get("_fx_routed_steps")
+    if built is None or built[0] != key:
+        names = routable(gm)
+        modules = []
+        for graph_of in (step.prompt, step.token):
+            graph = build_graph(gm, names, graph_of.graph.graph, {name: _step_placements(gm, name, graph_of) for name in names})
+            _drop_checks(graph)
+            module = _module(gm, graph_of, graph, lean=options is None)
+            if options is not None:
+                args, kwargs = options
+                module = torch.compile(module, *args, **{"dynamic": True, **kwargs})
+            modules.append(_RoutedStep(module, graph_of.graph.graph._codegen.pytree_info.out_spec))
+        built = (key, *modules)
+        gm.__dict__["_fx_routed_steps"] = built
+    for routed in built[1:]:
+        routed.module.train(gm.training)
+    return built[1], built[2]
+
+
+class _RoutedStep:
+    """A routed step graph (flat inputs, the per-row index last; flat outputs) called as the plain
+    step is, with the index added: ``(input_ids, mask, keys, values, index) -> (logits, keys, values)``."""
+
+    def __init__(self, module, out_spec):
+        self.module, self.out_spec = module, out_spec
+
+    def __call__(self, *inputs):
+        from torch.utils import _pytree as pytree
+
+        *step_inputs, index = inputs
+        flat = self.module(*pytree.tree_leaves(step_inputs), index)
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+
+def _expand(index: torch.Tensor, batch: int) -> torch.Tensor:
+    """The per-row index for a batch that ``generate`` expanded (beams, ``num_return_sequences``):
+    each row's index repeated as transformers repeats the row (``repeat_interleave``)."""
+    rows = index.shape[0]
+    if rows == batch:
+        return index
+    if batch % rows:
+        raise InputError(f"adapter_names has {rows} entries, and generate() runs a batch of {batch} rows, no multiple of them")
+    return index.repeat_interleave(batch // rows)
 
 
 def _drop_checks(graph: Graph) -> None:
@@ -365,17 +437,21 @@ def _can_generate(model: nn.Module) -> bool:
 
 def generate(gm, *args, **kwargs):
     """transformers' ``generate`` on ``gm``'s model, with ``gm``'s adapters and a KV cache (see the
-    module docstring). Takes what the model's ``generate`` takes; returns what it returns."""
+    module docstring). Takes what the model's ``generate`` takes; returns what it returns.
+    ``adapter_names`` (one name per row, ``"__base__"`` for the base model, or their index tensor)
+    runs each row, its beams and its returned sequences through its own adapter, as PEFT's."""
+    names = kwargs.pop("adapter_names", None)
+    index = None if names is None else _routing_index(gm, args, kwargs, names)
     source = gm.__dict__.get("_fx_source")
-    modules = step_modules(gm)
+    modules = step_modules(gm) if index is None else routed_step_modules(gm)
     step = gm.__dict__["_fx_step"]
     runner = copy.copy(source)  # shares the model's modules and config; only ``forward`` differs
     if step.encoder_decoder:
-        runner.forward = _Seq2SeqForward(*modules, step)
-        encoder = _Encoder(gm, source)
+        runner.forward = _Seq2SeqForward(*modules, step, index)
+        encoder = _Encoder(gm, source, index)  # the encoder runs before generate expands the batch
         runner.get_encoder = lambda *args, **kwargs: encoder
     else:
-        runner.forward = _StepForward(*modules, step)
+        runner.forward = _StepForward(*modules, step, index)
     if kwargs.get("past_key_values") is not None or kwargs.get(step.cache_arg) is not None:
         raise InputError("generate() on an AdaptedModule keeps its own KV cache: leave out past_key_values")
     from transformers import DynamicCache, EncoderDecoderCache
@@ -384,6 +460,21 @@ def generate(gm, *args, **kwargs):
     kwargs[step.cache_arg] = EncoderDecoderCache(DynamicCache(), DynamicCache()) if step.encoder_decoder else DynamicCache()
     with torch.no_grad():
         return type(source).generate(runner, *args, **kwargs)
+
+
+def _routing_index(gm, args: tuple, kwargs: dict, names) -> torch.Tensor:
+    """The per-row index of ``adapter_names`` for the prompt's batch (see :mod:`fxadapt.routing`);
+    InputError for bad names, a length other than the batch's, or merged adapters."""
+    from .routing import _index
+
+    if gm._fx_merged:
+        raise InputError(f"generate(adapter_names=...) cannot be used while adapters {gm._fx_merged} are merged into the weights: "
+                         "reset_adapter() them first")
+    _step_capture(gm)  # InputError for a model without a language-model head, before the names
+    source = gm.__dict__["_fx_source"]
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get(source.main_input_name, kwargs.get("inputs_embeds")))
+    batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.ndim else None
+    return _index(gm, names, batch)
 
 
 def _check_length(gm, source: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -400,9 +491,9 @@ class _StepForward:
     or more new positions, ``token`` for one), the cache's layers set to the keys and values it
     returns. Signature as a causal LM's, so that ``generate`` passes the inputs it passes a model."""
 
-    def __init__(self, prompt: GraphModule, token: GraphModule, step: StepCapture):
-        self.prompt, self.token, self.step = prompt, token, step
-        self.compiled = not isinstance(token, GraphModule)
+    def __init__(self, prompt, token, step: StepCapture, index: torch.Tensor | None = None):
+        self.prompt, self.token, self.step, self.index = prompt, token, step, index
+        self.compiled = not isinstance(token.module if isinstance(token, _RoutedStep) else token, GraphModule)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                  cache_position=None, use_cache=True, return_dict=True, **kwargs):
@@ -424,7 +515,9 @@ class _StepForward:
         if self.compiled:
             for t in (*keys, *values):
                 torch._dynamo.maybe_mark_dynamic(t, 2)  # the past grows every token: one graph for all
-        logits, keys, values = (self.token if seq == 1 else self.prompt)(input_ids, torch.cat([slot, attention_mask], dim=1), keys, values)
+        inputs = (input_ids, torch.cat([slot, attention_mask], dim=1), keys, values)
+        routing = () if self.index is None else (_expand(self.index, batch),)  # a routed step's last input
+        logits, keys, values = (self.token if seq == 1 else self.prompt)(*inputs, *routing)
         _store(cache, keys, values)
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(logits=logits, **{field: cache})
@@ -434,9 +527,9 @@ class _Seq2SeqForward:
     """The ``forward`` of an encoder-decoder's ``generate``: the first decoder step, then one token
     at a time, the self-attention cache's layers set to the keys and values the step returns."""
 
-    def __init__(self, first: GraphModule, token: GraphModule, step: StepCapture):
-        self.first, self.token, self.step = first, token, step
-        self.compiled = not isinstance(token, GraphModule)
+    def __init__(self, first, token, step: StepCapture, index: torch.Tensor | None = None):
+        self.first, self.token, self.step, self.index = first, token, step, index
+        self.compiled = not isinstance(token.module if isinstance(token, _RoutedStep) else token, GraphModule)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, cache=None,
                  past_key_values=None, use_cache=True, return_dict=True, **kwargs):
@@ -447,15 +540,16 @@ class _Seq2SeqForward:
         if attention_mask is None:
             attention_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         own = cache.self_attention_cache
+        routing = () if self.index is None else (_expand(self.index, states.shape[0]),)
         if own.get_seq_length() == 0:
-            logits, keys, values = self.first(decoder_input_ids, states, attention_mask)
+            logits, keys, values = self.first(decoder_input_ids, states, attention_mask, *routing)
         else:
             keys = [layer.keys for layer in own.layers]
             values = [layer.values for layer in own.layers]
             if self.compiled:
                 for t in (*keys, *values):
                     torch._dynamo.maybe_mark_dynamic(t, 2)
-            logits, keys, values = self.token(decoder_input_ids[:, -1:], states, attention_mask, keys, values)
+            logits, keys, values = self.token(decoder_input_ids[:, -1:], states, attention_mask, keys, values, *routing)
         _store(own, keys, values)
         field = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
         return Seq2SeqLMOutput(logits=logits, **{field: cache})
@@ -465,9 +559,10 @@ class _Encoder(nn.Module):
     """What ``generate`` calls as the encoder: the module's main graph (its adapters act in the
     encoder), with a one-token decoder input, read for ``encoder_last_hidden_state``."""
 
-    def __init__(self, gm, source: nn.Module):
+    def __init__(self, gm, source: nn.Module, index: torch.Tensor | None = None):
         super().__init__()
         self.__dict__["_gm"] = gm
+        self.index = index  # routes the encoder's rows (adapter_names), as the forward does
         self.main = source.main_input_name
         self.start = source.generation_config.decoder_start_token_id or 0
 
@@ -478,6 +573,8 @@ class _Encoder(nn.Module):
         call = {self.main: inputs, "decoder_input_ids": torch.full((inputs.shape[0], 1), self.start, dtype=torch.long, device=inputs.device)}
         if attention_mask is not None:
             call["attention_mask"] = attention_mask
+        if self.index is not None:
+            call["adapter_names"] = self.index
         return BaseModelOutput(last_hidden_state=self._gm(**call).encoder_last_hidden_state)
 
 

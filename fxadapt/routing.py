@@ -15,7 +15,9 @@ changes only the index tensor: under ``torch.compile`` pass it as a tensor (``gm
 and nothing recompiles, since names are Python constants that dynamo specialises on.
 
 Rows run their adapter alone: the active adapters do not act in a routed call, and merged adapters
-must be reset first (as in PEFT).
+must be reset first (as in PEFT). ``gm.generate(..., adapter_names=...)`` routes the decode steps the
+same way: :func:`build_graph` on each step graph, with the adapters' placements there
+(:mod:`fxadapt.generation`).
 """
 
 from __future__ import annotations
@@ -142,8 +144,7 @@ def _routed_forward(gm: AdaptedModule):
     """The routed graph's code, built on first use and kept until the routable adapters or the
     module's device change."""
     names = routable(gm)
-    device = next((t.device for t in gm.parameters()), None)
-    key = (tuple((n, id(gm._fx_adapters[n])) for n in names), device)
+    key = routing_key(gm)
     cached = gm.__dict__.get("_fx_routed")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -157,19 +158,29 @@ def _routed_forward(gm: AdaptedModule):
     return fn
 
 
-def build_graph(gm: AdaptedModule, names: list[str]) -> Graph:
+def routing_key(gm: AdaptedModule) -> tuple:
+    """What a routed graph depends on: the routable adapters (by identity) and the module's device."""
+    device = next((t.device for t in gm.parameters()), None)
+    return tuple((n, id(gm._fx_adapters[n])) for n in routable(gm)), device
+
+
+def build_graph(gm: AdaptedModule, names: list[str], base: Graph | None = None, placements: dict | None = None) -> Graph:
     """The base graph with every adapter of ``names`` inserted per row, reading one more input,
-    ``adapter_index``; plain inputs and a flat output (the caller binds and unflattens)."""
+    ``adapter_index``; plain inputs and a flat output (the caller binds and unflattens).
+
+    ``base`` and ``placements`` (adapter name -> its placements on ``base``'s nodes) build the routed
+    form of another graph of the same model, e.g. a decode step (:mod:`fxadapt.generation`); by
+    default the module's forward graph and each adapter's own placements."""
     from .module import _single_device, retarget_devices
 
-    graph = copy_graph(gm._fx_base)
+    graph = copy_graph(gm._fx_base if base is None else base)
     graph._codegen = CodeGen()
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         index = graph.placeholder("adapter_index")
     at: dict[str, list] = {}
     for slot, name in enumerate(names, 1):
-        for p in gm._fx_adapters[name].placements:
+        for p in gm._fx_adapters[name].placements if placements is None else placements[name]:
             for anchor in p.anchors:
                 at.setdefault(anchor, []).append((slot, p))
     by_name = {n.name: n for n in graph.nodes}
