@@ -74,7 +74,8 @@ class StepCapture:
 
 class _Step(nn.Module):
     """``model``'s forward with a cache given as tensors: ``(input_ids, attention_mask, keys,
-    values) -> (logits, keys, values)``, with position ids from the mask (left padding) as
+    values) -> (logits, keys, values)``, the logits of the last position only where the model can
+    (``logits_to_keep``), with position ids from the mask (left padding) as
     transformers' ``generate`` makes them. Registers the model's own children, so the parameters
     keep their names (``model.layers.0.self_attn.q_proj.weight``)."""
 
@@ -86,7 +87,9 @@ class _Step(nn.Module):
             self.register_parameter(name, p)
         self.__dict__["_model"] = model
         self.cache_arg = cache_arg
-        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self.takes_positions = "position_ids" in params
+        self.last_only = "logits_to_keep" in params  # generate reads the last position's logits only
         self.train(model.training)  # the capture puts back this mode, on the model's modules too
 
     def forward(self, input_ids, attention_mask, keys, values):
@@ -101,6 +104,9 @@ class _Step(nn.Module):
             # The last columns by index, not by a slice (whose runtime check torch.compile cannot trace).
             new = torch.arange(total - input_ids.shape[1], total, device=attention_mask.device)
             kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1).index_select(1, new)
+        if self.last_only:  # as an index: a slice would make torch.export guard on the batch size
+            seq = input_ids.shape[1]
+            kwargs["logits_to_keep"] = torch.arange(seq - 1, seq, device=input_ids.device)
         out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{self.cache_arg: cache}, **kwargs)
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 

@@ -4,7 +4,8 @@
 writes, in one atomic step:
 
 - ``prompt.pt2``: the step over two or more new positions, ``token.pt2``: the step over one; each
-  ``(input_ids, attention_mask, keys, values) -> (logits, keys, values)`` with the module's adapters
+  ``(input_ids, attention_mask, keys, values) -> (logits, keys, values)`` (logits of the last position
+  where the model can keep only those) with the module's adapters
   (unmerged adapters as graph nodes, merged ones in the weights), dropout removed;
 - ``generation.json``: the cache layout (a ``(heads, head_dim)`` pair per layer, dtype), the longest
   sequence the programs take (``max_length``) and the model's pad / eos token ids.
