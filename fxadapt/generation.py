@@ -1,15 +1,18 @@
-"""Generation with a KV cache: the decode step of a decoder LM as a second graph of an AdaptedModule.
+"""Generation with a KV cache: the decode steps of an LM as more graphs of an AdaptedModule.
 
-The module's main graph is one forward without a cache. :func:`generate` captures the model's *step*
-once: a forward that takes the keys and values of earlier positions and returns the logits with the
-keys and values grown by the new positions (transformers' ``DynamicCache``, flattened to tensors).
-The step graph gets the same adapters as the main graph: each active adapter is planned again on the
-step graph's anatomy, by the same dataflow rules; placements are keyed by module path, so the same
-weights act in both graphs (keys and values reach attention through the cache update here).
+The module's main graph is one forward without a cache. :func:`generate` captures the model's
+*steps* once: forwards that take the keys and values of earlier positions and return the logits with
+the keys and values grown by the new positions (transformers' ``DynamicCache``, flattened to
+tensors). A decoder-only model gets two: a prompt step (two or more new positions) and a token step
+(one), since transformers' attention branches on a query of length 1; an encoder-decoder gets a first
+decoder step and a token step, and its encoder runs in the main graph. Each active adapter is
+planned again on the step graphs' anatomy, by the same dataflow rules, and takes the forward's
+placement at each place it finds (:func:`_matched`): the same weights act in every graph (keys and
+values reach attention through the cache update here).
 
-One graph serves the prompt and every new token: the cache always starts with one masked slot (keys
-and values of zeros that no query attends to), so the past length is never 0 and torch.export keeps
-it dynamic. The slot changes no output: a masked key has weight exactly 0 in the softmax.
+A decoder-only model's cache starts with one masked slot (keys and values of zeros that no query
+attends to), so the past length is never 0 and torch.export keeps it dynamic. The slot changes no
+output: a masked key has weight exactly 0 in the softmax, and positions come from the mask.
 
 Adapters act at each position alone (``Method.positionwise``), so a step computes what the whole
 forward computes at its positions, with one exception by design: UniPELT's gates average over the
@@ -18,7 +21,7 @@ which no cache can do; with the cache each step's gates average over its new pos
 AdapterHub's generation computes them. Prompt tuning and ReFT add or pick positions and are refused.
 
 transformers' ``generate`` drives the loop (sampling, beams, stopping criteria, streamers, generation
-configs): it runs on a shallow copy of the captured model whose ``forward`` calls the step graph.
+configs): it runs on a shallow copy of the captured model whose ``forward`` calls the step graphs.
 
 ``generate(..., adapter_names=[...])`` routes each row through its own adapter, as PEFT's: the step
 graphs are built in routed form (:func:`routed_step_modules`: :func:`fxadapt.routing.build_graph` on
