@@ -35,6 +35,7 @@ from .composition import Block, Fuse, Stack
 from .errors import AdapterError, CheckpointError, ConfigError
 from .formats.common import layer_and_location, read_json, read_tensors
 from .fsutil import atomic_directory
+from .methods.gating import attach_recorded
 from .naming import join
 
 if TYPE_CHECKING:
@@ -119,19 +120,13 @@ class StaticAdapterFusionConfig(AdapterFusionConfig):
 
 
 @dataclass(frozen=True)
-class DynamicAdapterFusionConfig(AdapterFusionConfig):
-    """AdapterHub's "dynamic" (its default): query, key and a value matrix initialised to the identity."""
+class DynamicAdapterFusionConfig(StaticAdapterFusionConfig):
+    """AdapterHub's "dynamic" (its default): "static" plus a value matrix initialised to the identity,
+    regularised towards it."""
 
-    key: bool = True
-    query: bool = True
     value: bool = True
-    query_before_ln: bool = False
     regularization: bool = True
-    residual_before: bool = False
-    temperature: bool = False
-    value_before_softmax: bool = True
     value_initialized: bool = True
-    dropout_prob: float | None = None
 
 
 FUSION_CONFIGS = {"static": StaticAdapterFusionConfig(), "dynamic": DynamicAdapterFusionConfig()}
@@ -499,8 +494,7 @@ def prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):
 def attach_attentions(module: AdaptedModule, args: tuple, output):
     """Forward hook: ``output.adapter_fusion_attentions`` after a call that asked for them."""
     recorder = module._fx_fusion_recorder
-    if not recorder.active:
-        return output
+    return attach_recorded(module, output, recorder, "adapter_fusion_attentions", recorder.attentions)
     recorder.active = False
     if not hasattr(output, "to_tuple"):
         from .errors import InputError

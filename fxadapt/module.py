@@ -40,7 +40,7 @@ from .fusion import attach_attentions as _attach_fusion_attentions
 from .fusion import prepare_call as _prepare_fusion_call
 from .methods import METHODS
 from .methods.base import frozen_parameters
-from .methods.gating import GateRecorder, connect
+from .methods.gating import GateRecorder, attach_recorded, connect
 from .naming import state_key
 from .ops import copy_graph
 from .passes import checkpointing
@@ -772,15 +772,7 @@ class AdaptedModule(FusionMixin, CheckpointMixin, GraphModule):
 
 def _attach_gating_scores(module: AdaptedModule, args: tuple, output):
     """Forward hook: ``output.adapter_gating_scores`` after a call that asked for them."""
-    recorder = module._fx_gates
-    if not recorder.active:
-        return output
-    recorder.active = False
-    if not hasattr(output, "to_tuple"):
-        raise InputError(f"{module._fx_model_name} returns {type(output).__name__}, not a ModelOutput: it cannot carry adapter_gating_scores")
-    output["adapter_gating_scores"] = recorder.scores()
-    recorder.values.clear()
-    return output
+    return attach_recorded(module, output, module._fx_gates, "adapter_gating_scores", module._fx_gates.scores)
 
 
 def _prepare_call(module: AdaptedModule, args: tuple, kwargs: dict):

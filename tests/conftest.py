@@ -7,13 +7,16 @@ import dataclasses
 import functools
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
 from hypothesis import HealthCheck, settings
+from safetensors.torch import load_file
 
 import fxadapt
+from fxadapt.testing import rounding_tolerance
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 T.logging.set_verbosity_error()
@@ -244,3 +247,37 @@ def assert_lora_matches_peft(model, inputs: dict, gm, config, targets: list[str]
         assert_outputs_close(got, expected, rtol=rtol)
     finally:
         gm.delete_adapter("lora")
+
+
+# -- AdapterHub fixtures with several adapters (compositions, fusions) --------------------------
+
+HUB = Path(__file__).parent / "fixtures" / "adapterhub"
+# AdapterHub ran on transformers 4.57 (another graph, another summation order): float32 rounding over the
+# hidden width, through two layers.
+HUB_RTOL = rounding_tolerance(torch.float32, 128, depth=2)
+_HUB_BASES: dict = {}
+
+
+def hub_base(model_dir: str):
+    """A fixture's base model (transformers 5) captured, once per process; tests delete what they add."""
+    if model_dir not in _HUB_BASES:
+        _HUB_BASES[model_dir] = fxadapt.capture(T.AutoModel.from_pretrained(HUB / model_dir / "base").eval())
+    return _HUB_BASES[model_dir]
+
+
+def hub_io(fixture: str) -> dict:
+    """A fixture's inputs and AdapterHub's outputs."""
+    return load_file(HUB / fixture / "io.safetensors")
+
+
+@pytest.fixture
+def hub_clean():
+    """Delete every adapter and fusion a test added to the shared captures of :func:`hub_base`."""
+    yield
+    for gm in _HUB_BASES.values():
+        gm.set_active_adapters(None)
+        for name in list(gm.adapter_fusions):
+            gm.delete_adapter_fusion(name)
+        for name in list(gm.adapters):
+            gm.delete_adapter(name)
+        gm.eval()

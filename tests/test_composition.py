@@ -7,36 +7,18 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file
 
 import fxadapt
+from conftest import HUB, HUB_RTOL as RTOL, hub_base, hub_io
 from fxadapt.composition import Average, BatchSplit, Block, Parallel, Split, Stack, to_lora
 from fxadapt.errors import AdapterError, InputError
-from fxadapt.testing import assert_unchanged, relative_error, rounding_tolerance, snapshot
+from fxadapt.testing import assert_unchanged, relative_error, snapshot
 
-HUB = Path(__file__).parent / "fixtures" / "adapterhub"
-# AdapterHub ran on transformers 4.57 (another graph, another summation order): float32 rounding over the
-# hidden width, through two layers.
-RTOL = rounding_tolerance(torch.float32, 128, depth=2)
 FIXTURES = sorted(f"{d.parent.name}/{d.name}" for d in HUB.glob("*/compose_*") if d.is_dir())
-
-_BASES: dict = {}
-
-
-def base(model_dir: str):
-    """A fixture's base model (transformers 5) captured, once per module; tests delete what they add."""
-    if model_dir not in _BASES:
-        _BASES[model_dir] = fxadapt.capture(T.AutoModel.from_pretrained(HUB / model_dir / "base").eval())
-    return _BASES[model_dir]
-
-
-def io(fixture: str) -> dict:
-    return load_file(HUB / fixture / "io.safetensors")
 
 
 def run(gm, inputs):
@@ -60,28 +42,18 @@ def load(gm, fixture: str) -> dict:
     return meta
 
 
-@pytest.fixture
-def clean():
-    """Delete every adapter a test added to the shared captures."""
-    yield
-    for gm in _BASES.values():
-        gm.set_active_adapters(None)
-        for name in list(gm.adapters):
-            gm.delete_adapter(name)
-
-
 @pytest.mark.parametrize("fixture", FIXTURES)
-def test_matches_adapterhub(fixture, clean):
-    gm = base(fixture.split("/")[0])
+def test_matches_adapterhub(fixture, hub_clean):
+    gm = hub_base(fixture.split("/")[0])
     meta = load(gm, fixture)
     setup = Block.from_dict(meta["composition"])
     gm.set_active_adapters(setup)
     assert gm.active_adapters == setup and gm.active_adapters.to_dict() == meta["composition"]  # AdapterHub's normalised weights too
-    out, expected = run(gm, io(fixture)), io(fixture)["last_hidden_state"]
+    out, expected = run(gm, hub_io(fixture)), hub_io(fixture)["last_hidden_state"]
     assert out.shape == expected.shape  # Parallel: one batch per branch
     error = relative_error(out, expected)
     assert error < RTOL, f"{fixture}: {error:.2e}"
-    base_out = io(fixture)["base_last_hidden_state"]
+    base_out = hub_io(fixture)["base_last_hidden_state"]
     assert relative_error(out[: base_out.shape[0]], base_out) > 1e3 * RTOL  # the adapters act
 
 
@@ -93,14 +65,14 @@ def test_fixtures_cover_every_block():
     assert any(f.startswith("llama/compose_stack") for f in FIXTURES) and any(f.startswith("llama/compose_parallel") for f in FIXTURES)
 
 
-def test_list_is_unchanged_and_blocks_round_trip(clean):
-    gm = base("roberta")
+def test_list_is_unchanged_and_blocks_round_trip(hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_lora_lora")
     gm.set_active_adapters(["a", "b"])  # a list composes as before: the LoRA updates add up
     assert gm.active_adapters == ["a", "b"]
-    listed = run(gm, io("roberta/compose_stack_lora_lora"))
+    listed = run(gm, hub_io("roberta/compose_stack_lora_lora"))
     gm.set_active_adapters(Stack("a", "b"))  # AdapterHub's Stack chains them: another function
-    assert relative_error(run(gm, io("roberta/compose_stack_lora_lora")), listed) > 1e3 * RTOL
+    assert relative_error(run(gm, hub_io("roberta/compose_stack_lora_lora")), listed) > 1e3 * RTOL
     setup = Stack("a", Average("a", "b", weights=[1, 3]))
     assert Block.from_dict(setup.to_dict()) == setup and setup.children[1].weights == [0.25, 0.75]
     assert fxadapt.Stack is Stack and fxadapt.Average is Average
@@ -118,8 +90,8 @@ def test_list_is_unchanged_and_blocks_round_trip(clean):
     (Stack("a", "i"), "invertible adapters"),
     (Average("a", "dora"), "'dora' has dora adapters, which do not compose"),
 ])
-def test_refused_setups_change_nothing(setup, match, clean):
-    gm = base("roberta")
+def test_refused_setups_change_nothing(setup, match, hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_batchsplit_lora_stack")
     gm.add_adapter("p", fxadapt.PrefixTuningConfig(prefix_length=2))
     gm.add_adapter("q", fxadapt.PrefixTuningConfig(prefix_length=2))
@@ -133,10 +105,10 @@ def test_refused_setups_change_nothing(setup, match, clean):
     assert gm.active_adapters == Stack("a", "b")
 
 
-def test_stacked_loras_need_square_projections(clean):
+def test_stacked_loras_need_square_projections(hub_clean):
     # AdapterHub itself fails on this one (compose_failed.json): v_proj maps 64 -> 32 under grouped-query attention.
     assert "stack_lora_lora" in json.loads((HUB / "llama" / "compose_failed.json").read_text())
-    gm = base("llama")
+    gm = hub_base("llama")
     gm.add_adapter("a", fxadapt.LoRAConfig(r=4))
     gm.add_adapter("b", fxadapt.LoRAConfig(r=4))
     before = snapshot(gm)
@@ -157,10 +129,10 @@ def test_bad_blocks(bad):
         bad()
 
 
-def test_sizes_checked_at_call_time(clean):
-    gm = base("roberta")
+def test_sizes_checked_at_call_time(hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_batchsplit_pfeiffer_pfeiffer")
-    inputs = io("roberta/compose_batchsplit_pfeiffer_pfeiffer")
+    inputs = hub_io("roberta/compose_batchsplit_pfeiffer_pfeiffer")
     gm.set_active_adapters(BatchSplit("a", "b", batch_sizes=[1, 2]))
     with pytest.raises(InputError, match=r"batch_sizes=\[1, 2\] sum to 3, but the batch size there is 2"):
         run(gm, inputs)
@@ -173,15 +145,15 @@ def test_sizes_checked_at_call_time(clean):
 
 # -- training, compile, merge -------------------------------------------------------------------------
 
-def test_gradients_reach_exactly_the_composition(clean):
-    gm = base("roberta")
+def test_gradients_reach_exactly_the_composition(hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_batchsplit_lora_stack")
     gm.add_adapter("d", fxadapt.LoRAConfig(r=4, init_weights="bert"))
     setup = BatchSplit("a", Stack("b", "c"), batch_sizes=[1, 1])
     gm.train_adapter(setup)
     assert gm.active_adapters == setup
     gm.eval()  # no dropout: the hand check below is exact
-    inputs = io("roberta/compose_batchsplit_lora_stack")
+    inputs = hub_io("roberta/compose_batchsplit_lora_stack")
     out = gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
     out[1].square().sum().backward()  # the second row only: Stack("b", "c") acts on it, "a" on the first
     grads = {n: (p.grad is not None and bool(p.grad.abs().sum() > 0)) for n, p in gm.named_parameters()}
@@ -194,13 +166,13 @@ def test_gradients_reach_exactly_the_composition(clean):
         p.requires_grad_(False)
 
 
-def test_compiles_as_one_graph(clean):
+def test_compiles_as_one_graph(hub_clean):
     from torch._dynamo.utils import counters
 
-    gm = base("roberta")
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_pfeiffer_lora")  # a: Pfeiffer, b: LoRA
     gm.set_active_adapters(Parallel(Stack("a", "b"), BatchSplit("b", "a", batch_sizes=[1, 1])))
-    inputs = io("roberta/compose_stack_pfeiffer_lora")
+    inputs = hub_io("roberta/compose_stack_pfeiffer_lora")
     eager = run(gm, inputs)
     torch._dynamo.reset()
     counters.clear()
@@ -212,10 +184,10 @@ def test_compiles_as_one_graph(clean):
 
 
 @pytest.mark.parametrize("setup", [Stack("a", "b"), Average("a", "b", weights=[0.2, 0.9]), Stack("a", Average(Stack("a", "b"), "b"))])
-def test_stack_and_average_of_loras_merge(setup, clean):
-    gm = base("roberta")
+def test_stack_and_average_of_loras_merge(setup, hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_lora_lora")
-    inputs = io("roberta/compose_stack_lora_lora")
+    inputs = hub_io("roberta/compose_stack_lora_lora")
     gm.set_active_adapters(setup)
     composed = run(gm, inputs)
     to_lora(gm, "m", setup)
@@ -226,8 +198,8 @@ def test_stack_and_average_of_loras_merge(setup, clean):
     gm.reset_adapter("m")
 
 
-def test_only_stack_and_average_of_loras_merge(clean):
-    gm = base("roberta")
+def test_only_stack_and_average_of_loras_merge(hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_pfeiffer_lora")
     before = snapshot(gm)
     with pytest.raises(AdapterError, match="'a' is not an ungated LoRA"):
@@ -237,8 +209,8 @@ def test_only_stack_and_average_of_loras_merge(clean):
     assert_unchanged(gm, before)
 
 
-def test_merging_a_composed_adapter_alone_is_refused(clean):
-    gm = base("roberta")
+def test_merging_a_composed_adapter_alone_is_refused(hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_lora_lora")
     gm.set_active_adapters(Stack("a", "b"))
     before = snapshot(gm)
@@ -252,12 +224,12 @@ def test_merging_a_composed_adapter_alone_is_refused(clean):
 
 
 @pytest.mark.parametrize("fixture", ["roberta/compose_stack_lora_lora", "roberta/compose_stack_ia3_ia3"])
-def test_parallel_is_each_branch_alone(fixture, clean):
+def test_parallel_is_each_branch_alone(fixture, hub_clean):
     # AdapterHub 1.3.0 fails on a Parallel of LoRAs on RoBERTa (compose_failed.json); the block's definition is
     # the oracle: each branch's output is the model with that adapter alone, concatenated along the batch.
-    gm = base("roberta")
+    gm = hub_base("roberta")
     load(gm, fixture)
-    inputs = io(fixture)
+    inputs = hub_io(fixture)
     alone = []
     for name in ("a", "b"):
         gm.set_active_adapters(name)
@@ -270,8 +242,8 @@ def test_parallel_is_each_branch_alone(fixture, clean):
     assert relative_error(run(gm, inputs), torch.cat([alone[1][:1], alone[0][1:]])) < RTOL
 
 
-def test_leaving_a_composition(clean):
-    gm = base("roberta")
+def test_leaving_a_composition(hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_pfeiffer_pfeiffer")
     gm.set_active_adapters(Stack("a", "b"))
     gm.set_active_adapters(["a"])  # a list: no block any more
@@ -279,5 +251,5 @@ def test_leaving_a_composition(clean):
     gm.set_active_adapters(Stack("a", "b"))
     gm.delete_adapter("b")  # the block without b is no block: nothing acts
     assert gm.active_adapters == []
-    assert relative_error(run(gm, io("roberta/compose_stack_pfeiffer_pfeiffer")),
-                          io("roberta/compose_stack_pfeiffer_pfeiffer")["base_last_hidden_state"]) < RTOL
+    assert relative_error(run(gm, hub_io("roberta/compose_stack_pfeiffer_pfeiffer")),
+                          hub_io("roberta/compose_stack_pfeiffer_pfeiffer")["base_last_hidden_state"]) < RTOL

@@ -7,36 +7,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file
 
 import fxadapt
+from conftest import HUB, HUB_RTOL as RTOL, hub_base, hub_io
 from fxadapt.composition import Block, Fuse, Stack
 from fxadapt.errors import AdapterError, CheckpointError, ConfigError
 from fxadapt.fusion import DynamicAdapterFusionConfig, StaticAdapterFusionConfig
-from fxadapt.testing import assert_unchanged, relative_error, rounding_tolerance, snapshot
+from fxadapt.testing import assert_unchanged, relative_error, snapshot
 
-HUB = Path(__file__).parent / "fixtures" / "adapterhub"
-# AdapterHub ran on transformers 4.57 (another graph, another summation order): float32 rounding over the
-# hidden width, through two layers.
-RTOL = rounding_tolerance(torch.float32, 128, depth=2)
 FIXTURES = sorted(f"{d.parent.name}/{d.name}" for d in HUB.glob("*/fusion_*") if d.is_dir())
-
-_BASES: dict = {}
-
-
-def base(model_dir: str):
-    if model_dir not in _BASES:
-        _BASES[model_dir] = fxadapt.capture(T.AutoModel.from_pretrained(HUB / model_dir / "base").eval())
-    return _BASES[model_dir]
-
-
-def io(fixture: str) -> dict:
-    return load_file(HUB / fixture / "io.safetensors")
 
 
 def run(gm, inputs, **kwargs):
@@ -54,26 +37,14 @@ def load(gm, fixture: str, fusion: bool = True) -> dict:
     return meta
 
 
-@pytest.fixture
-def clean():
-    yield
-    for gm in _BASES.values():
-        gm.set_active_adapters(None)
-        for name in list(gm.adapter_fusions):
-            gm.delete_adapter_fusion(name)
-        for name in list(gm.adapters):
-            gm.delete_adapter(name)
-        gm.eval()
-
-
 @pytest.mark.parametrize("fixture", FIXTURES)
-def test_matches_adapterhub(fixture, clean):
-    gm = base(fixture.split("/")[0])
+def test_matches_adapterhub(fixture, hub_clean):
+    gm = hub_base(fixture.split("/")[0])
     meta = load(gm, fixture)
     setup = Block.from_dict(meta["composition"])
     gm.set_active_adapters(setup)
     assert gm.active_adapters == setup and setup.to_dict() == meta["composition"]
-    expected = io(fixture)
+    expected = hub_io(fixture)
     out = run(gm, expected, output_adapter_fusion_attentions=True)
     error = relative_error(out.last_hidden_state, expected["last_hidden_state"])
     assert error < RTOL, f"{fixture}: {error:.2e}"
@@ -108,8 +79,8 @@ def test_fixtures_cover_the_configs():
 
 @pytest.mark.parametrize("fixture", ["roberta/fusion_dynamic_houlsby2", "llama/fusion_static_pfeiffer2"])
 @pytest.mark.parametrize("use_safetensors", [False, True])
-def test_saves_what_adapterhub_saved(fixture, use_safetensors, clean, tmp_path):
-    gm = base(fixture.split("/")[0])
+def test_saves_what_adapterhub_saved(fixture, use_safetensors, hub_clean, tmp_path):
+    gm = hub_base(fixture.split("/")[0])
     meta = load(gm, fixture)
     gm.save_adapter_fusion(tmp_path, meta["fusion"], use_safetensors=use_safetensors)
     theirs = torch.load(HUB / fixture / "fusion" / "pytorch_model_adapter_fusion.bin", weights_only=True)
@@ -123,15 +94,15 @@ def test_saves_what_adapterhub_saved(fixture, use_safetensors, clean, tmp_path):
         assert ours_config[field] == theirs_config[field], field
     # and back, under another name: the same function
     gm.set_active_adapters(Fuse(*meta["adapters"]))
-    expected = run(gm, io(fixture)).last_hidden_state
+    expected = run(gm, hub_io(fixture)).last_hidden_state
     assert gm.load_adapter_fusion(tmp_path, load_as="again", set_active=True) == "again"
     assert gm.active_adapters == Fuse(*meta["adapters"], name="again")
-    assert torch.equal(run(gm, io(fixture)).last_hidden_state, expected)
+    assert torch.equal(run(gm, hub_io(fixture)).last_hidden_state, expected)
 
 
-def test_train_adapter_fusion_trains_only_the_fusion(clean):
+def test_train_adapter_fusion_trains_only_the_fusion(hub_clean):
     fixture = "roberta/fusion_dynamic_pfeiffer3"
-    gm = base("roberta")
+    gm = hub_base("roberta")
     meta = load(gm, fixture)
     gm.add_adapter("other", "pfeiffer")
     fuse = Fuse("a", "b", "c")
@@ -140,7 +111,7 @@ def test_train_adapter_fusion_trains_only_the_fusion(clean):
     fusion_params = {n for n, _ in gm.named_parameters() if f".adapter_fusion_layer.{meta['fusion']}." in n}
     assert {n for n, p in gm.named_parameters() if p.requires_grad} == fusion_params and len(fusion_params) == 2 * 5
     gm.eval()  # no dropout
-    inputs = io(fixture)
+    inputs = hub_io(fixture)
     out = gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
     out.square().sum().backward()
     for n, p in gm.named_parameters():
@@ -157,14 +128,14 @@ def test_train_adapter_fusion_trains_only_the_fusion(clean):
         p.requires_grad_(False)
 
 
-def test_compiles_as_one_graph(clean):
+def test_compiles_as_one_graph(hub_clean):
     from torch._dynamo.utils import counters
 
     fixture = "roberta/fusion_custom_pfeiffer2"  # temperature: T falls in place at each call, inside the graph
-    gm = base("roberta")
+    gm = hub_base("roberta")
     load(gm, fixture)
     gm.set_active_adapters(Stack("a", Fuse("a", "b")))
-    inputs = io(fixture)
+    inputs = hub_io(fixture)
     eager = [run(gm, inputs).last_hidden_state for _ in range(2)]
     assert relative_error(eager[0], eager[1]) > 0  # T moved
     gm.delete_adapter_fusion("a,b")
@@ -192,8 +163,8 @@ def test_compiles_as_one_graph(clean):
     (lambda gm: gm.train_adapter_fusion(Fuse("b", "c")), "no AdapterFusion 'b,c'"),
     (lambda gm: gm.delete_adapter_fusion("b,c"), "no AdapterFusion 'b,c'"),
 ])
-def test_refused_changes_nothing(call, match, clean):
-    gm = base("roberta")
+def test_refused_changes_nothing(call, match, hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/fusion_dynamic_pfeiffer3", fusion=False)
     gm.add_adapter("lora", fxadapt.LoRAConfig(r=2))
     gm.add_adapter("inv", "pfeiffer+inv")
@@ -208,8 +179,8 @@ def test_refused_changes_nothing(call, match, clean):
 
 @pytest.mark.parametrize("config, field", [("nope", "config"), ({**StaticAdapterFusionConfig().to_dict(), "key": "yes"}, "key"),
                                            ({"key": True}, "query"), ({**StaticAdapterFusionConfig().to_dict(), "dropout_prob": 2}, "dropout_prob")])
-def test_bad_configs(config, field, clean):
-    gm = base("roberta")
+def test_bad_configs(config, field, hub_clean):
+    gm = hub_base("roberta")
     load(gm, "roberta/fusion_static_pfeiffer2", fusion=False)
     before = snapshot(gm)
     with pytest.raises(ConfigError) as info:
@@ -218,9 +189,9 @@ def test_bad_configs(config, field, clean):
     assert_unchanged(gm, before)
 
 
-def test_bad_files_change_nothing(clean, tmp_path):
+def test_bad_files_change_nothing(hub_clean, tmp_path):
     fixture = "roberta/fusion_static_pfeiffer2"
-    gm = base("roberta")
+    gm = hub_base("roberta")
     load(gm, fixture, fusion=False)
     before = snapshot(gm)
     bad = tmp_path / "bad"
@@ -244,9 +215,9 @@ def test_bad_files_change_nothing(clean, tmp_path):
     assert_unchanged(gm, before)
 
 
-def test_deleting_the_fusion_deactivates_it(clean):
+def test_deleting_the_fusion_deactivates_it(hub_clean):
     fixture = "roberta/fusion_stack_fuse"
-    gm = base("roberta")
+    gm = hub_base("roberta")
     meta = load(gm, fixture)
     gm.set_active_adapters(Block.from_dict(meta["composition"]))
     gm.delete_adapter_fusion(Fuse("b", "c"))

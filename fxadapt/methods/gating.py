@@ -60,3 +60,19 @@ def connect(module: nn.Module, recorder: GateRecorder, adapter: str, layer: int 
     for m in module.modules():
         if isinstance(m, Gate):
             m.recorder, m.key = recorder, (adapter, -1 if layer is None else layer, location)
+
+
+def attach_recorded(module, output, recorder, field: str, read):
+    """Forward-hook body: ``output[field] = read()`` after a call that turned ``recorder`` on (gating
+    scores, fusion attentions), the recorder emptied and off again; InputError for an output that is
+    no ModelOutput."""
+    if not recorder.active:
+        return output
+    recorder.active = False
+    if not hasattr(output, "to_tuple"):
+        from ..errors import InputError
+
+        raise InputError(f"{module._fx_model_name} returns {type(output).__name__}, not a ModelOutput: it cannot carry {field}")
+    output[field] = read()
+    recorder.values.clear()
+    return output
