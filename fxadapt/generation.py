@@ -166,9 +166,11 @@ def _capture(model: nn.Module, model_name: str, cache_arg: str, layers: list, dt
 
 class _Seq2SeqStep(nn.Module):
     """An encoder-decoder's decoder step: ``(decoder_input_ids, encoder_hidden_states,
-    attention_mask[, keys, values]) -> (logits, keys, values)``, the self-attention cache as tensors
-    (none on the first step). Cross-attention reads the encoder's states each step (its keys and
-    values are not cached), so adapters on cross-attention act as in the full forward."""
+    attention_mask[, keys, values]) -> (logits, keys, values, cross_keys, cross_values)``, the
+    self-attention cache as tensors (none on the first step). Cross-attention reads the encoder's
+    states each step (its keys and values are not read from the cache), so adapters on
+    cross-attention act as in the full forward; the step returns those keys and values too, so that
+    the cache ``generate`` returns is complete, as the model's own."""
 
     def __init__(self, model: nn.Module, cache_arg: str):
         super().__init__()
@@ -186,10 +188,11 @@ class _Seq2SeqStep(nn.Module):
         own = DynamicCache()
         if keys is not None:
             _store(own, keys, values)
-        cache = EncoderDecoderCache(own, DynamicCache())
+        cross = DynamicCache()
         out = self._model(encoder_outputs=(encoder_hidden_states,), attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                          use_cache=True, **{self.cache_arg: cache})
-        return out.logits, [layer.keys for layer in own.layers], [layer.values for layer in own.layers]
+                          use_cache=True, **{self.cache_arg: EncoderDecoderCache(own, cross)})
+        return (out.logits, [layer.keys for layer in own.layers], [layer.values for layer in own.layers],
+                [layer.keys for layer in cross.layers], [layer.values for layer in cross.layers])
 
 
 def capture_seq2seq_step(model: nn.Module, model_name: str, example: dict) -> StepCapture:
@@ -207,13 +210,14 @@ def capture_seq2seq_step(model: nn.Module, model_name: str, example: dict) -> St
             states = model.get_encoder()(**{main: example[main][:2]}).last_hidden_state
             step = _Seq2SeqStep(model, cache_arg)
             mask = torch.ones(states.shape[:2], dtype=torch.long, device=device)
-            _, keys, _ = step(torch.zeros(states.shape[0], 1, dtype=torch.long, device=device), states, mask)
+            _, keys, *_ = step(torch.zeros(states.shape[0], 1, dtype=torch.long, device=device), states, mask)
         finally:
             model.train(was_training)
     layers = [(k.shape[1], k.shape[3]) for k in keys]
     dtype = keys[0].dtype
     dim = torch.export.Dim
-    b, s, p = dim("batch", min=1), dim("encoder", min=1), dim("past", min=1)
+    # The encoder's length is dynamic where the model allows (AUTO: Whisper's is fixed by its positions).
+    b, s, p = dim("batch", min=1), dim.AUTO, dim("past", min=1)
     graphs = []
     for first in (True, False):
         ids = torch.zeros(states.shape[0], 1, dtype=torch.long, device=device)
@@ -551,15 +555,17 @@ class _Seq2SeqForward:
         own = cache.self_attention_cache
         routing = () if self.index is None else (_expand(self.index, states.shape[0]),)
         if own.get_seq_length() == 0:
-            logits, keys, values = self.first(decoder_input_ids, states, attention_mask, *routing)
+            logits, keys, values, cross_keys, cross_values = self.first(decoder_input_ids, states, attention_mask, *routing)
         else:
             keys = [layer.keys for layer in own.layers]
             values = [layer.values for layer in own.layers]
             if self.compiled:
                 for t in (*keys, *values):
                     torch._dynamo.maybe_mark_dynamic(t, 2)
-            logits, keys, values = self.token(decoder_input_ids[:, -1:], states, attention_mask, keys, values, *routing)
+            logits, keys, values, cross_keys, cross_values = self.token(decoder_input_ids[:, -1:], states, attention_mask, keys, values, *routing)
         _store(own, keys, values)
+        _store(cache.cross_attention_cache, cross_keys, cross_values)  # the same each step: the returned cache is complete
+        cache.is_updated.update(dict.fromkeys(range(len(cross_keys)), True))
         field = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
         return Seq2SeqLMOutput(logits=logits, **{field: cache})
 

@@ -303,9 +303,9 @@ def lora_rows(x, index, table: list[int], rate, *weights):
     if rate:  # per-row dropout rates in training (rate is 1.0 in training mode, 0.0 in eval)
         p = torch.tensor([0.0] + [w.dropout for w in weights], device=x.device, dtype=dtype)[rows][:, None, None] * rate
         xb = xb * (torch.rand_like(xb) >= p) / (1 - p)
-    h = torch.bmm(xb, a[rows].transpose(1, 2))
+    h = torch.bmm(xb, a.index_select(0, rows).transpose(1, 2))  # index_select: a plain copy, faster than a[rows]
     h = h * torch.tensor([0.0] + [w.scaling for w in weights], device=x.device, dtype=dtype)[rows][:, None, None]
-    delta = torch.bmm(h, b[rows].transpose(1, 2))
+    delta = torch.bmm(h, b.index_select(0, rows).transpose(1, 2))
     return delta.reshape(*x.shape[:-1], delta.shape[-1]).to(x.dtype)
 
 

@@ -315,3 +315,38 @@ def test_encoder_decoder_generate(arch, config):
     assert torch.equal(out, expected)
     base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
     assert not torch.allclose(result.logits[0], base.logits[0])  # the adapter acts
+
+
+def test_whisper_generate():
+    """Whisper (audio features in, its own generate mixin): with LoRA on the q, v of self- and
+    cross-attention, the tokens of a no-cache greedy loop over the module's forward; with no adapter,
+    the model's own generate's tokens and the same returned cache, cross-attention keys included."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=97, num_mel_bins=8, encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+                           max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=None, bos_token_id=1,
+                           suppress_tokens=None, begin_suppress_tokens=None)
+    model = WhisperForConditionalGeneration(config).eval()
+    features = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))  # Whisper's fixed length: 2 x max_source_positions
+    start = torch.ones(2, 3, dtype=torch.long)  # three decoder positions: the oracle's loop calls the forward on longer ones
+    gm = fxadapt.capture(model, example_kwargs={"input_features": features, "decoder_input_ids": start}).eval()
+    ours = gm.generate(input_features=features, max_new_tokens=NEW, return_dict_in_generate=True)
+    theirs = model.generate(input_features=features, max_new_tokens=NEW, return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for kind in ("self_attention_cache", "cross_attention_cache"):
+        for a, b in zip(getattr(ours.past_key_values, kind).layers, getattr(theirs.past_key_values, kind).layers, strict=True):
+            assert_outputs_close(a.keys, b.keys)
+            assert_outputs_close(a.values, b.values)
+    gm.add_adapter("a", fxadapt.LoRAConfig(r=4), set_active=True)
+    _randomize(gm, "a")
+    out = gm.generate(input_features=features, max_new_tokens=NEW, return_dict_in_generate=True).sequences
+    expected = torch.full((2, 1), config.decoder_start_token_id)
+    with torch.no_grad():
+        for _ in range(NEW):
+            logits = gm(input_features=features, decoder_input_ids=expected).logits[:, -1]
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, theirs.sequences)  # the adapter acts
+    assert torch.equal(gm.generate(input_features=features, max_new_tokens=NEW), out[:, 1:])  # as Whisper's: without the start token
