@@ -11,7 +11,9 @@ Rows (ratio = routed / other; targets from issue 14):
             eager and compiled (inductor, each side compiled whole). Targets: K=4 <= 1.2, K=16 <= 1.5.
   infer K   the same, inference (no gradients).
   peft 16   inference routed over 16 adapters, fxadapt (eager) / PEFT's ``adapter_names`` forward (PEFT
-            routes in eval mode only); target <= 0.8.
+            routes in eval mode only); target <= 0.8. Two more rows give fxadapt's and PEFT's time over
+            the base model's without adapters, measured in the same rounds: no routing can beat that floor.
+            ``--seq 1`` is a decode step's shape (one new token per row).
 
 The clock is the process CPU time on one thread by default (``--threads 0 --clock wall`` for torch's
 threads and wall time); a shared machine inflates wall time.
@@ -147,10 +149,16 @@ def main(argv=None) -> list[dict]:
         modules[k].eval()
         index = modules[k].adapter_indices(names)
         fns = {"ours": step_of(modules[k], inputs, {"adapter_names": index}, False),
-               "peft": step_of(theirs, inputs, {"adapter_names": names}, False)}
+               "peft": step_of(theirs, inputs, {"adapter_names": names}, False),
+               "base": step_of(model, inputs, {}, False)}
         times = interleaved(args, fns)
         rows.append(dict(row=f"peft K={k}", mode="eager", ours=times["ours"], theirs=times["peft"], other="PEFT adapter_names",
                          target=TARGETS.get(("peft", k))))
+        # The floor: the base model alone. PEFT's time over it is what routing can save at all.
+        rows.append(dict(row=f"base K={k}", mode="eager", ours=times["ours"], theirs=times["base"], other="base model, no adapter",
+                         target=None))
+        rows.append(dict(row=f"base K={k}", mode="eager", ours=times["peft"], theirs=times["base"], other="(PEFT / base model)",
+                         target=None))
 
     print(f"# routing over K LoRA adapters (r=8, q+v): roberta shape, {args.layers} layers, batch {args.batch} x seq {args.seq}, "
           f"{args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {'CPU' if args.clock is time.process_time else 'wall'} clock")

@@ -37,11 +37,13 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
+from torch.fx.graph import CodeGen
 
 from .errors import CaptureError, InputError
 from .methods import METHODS
@@ -302,18 +304,52 @@ def _step_placements(gm, name: str, step: StepGraph) -> list:
 
 
 def _module(gm, step: StepGraph, graph: Graph, lean: bool) -> GraphModule:
-    """``graph`` (a form of ``step``'s) as a GraphModule that reads ``gm``'s weights, in ``gm``'s mode."""
+    """``graph`` (a form of ``step``'s) as a GraphModule that reads ``gm``'s weights, in ``gm``'s mode,
+    called as ``module(inputs)`` with the list of its flat inputs, which it empties
+    (:func:`_take_inputs`), and returning its flat outputs. ``module.step_graph`` is ``graph``, as
+    captured (its inputs and outputs nested: what serving exports)."""
     # gm's parameters and buffers (merged weights included) and adapters; the step's own constants.
     tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     owners = {node.target: tensors[node.target] if node.target in tensors else _lookup(node.target, step.graph, gm)
               for node in graph.nodes if node.op in ("get_attr", "call_module")}
-    module = GraphModule(owners, graph, "DecodeStep")
+    taking = copy_graph(graph)
+    _take_inputs(taking)
+    module = GraphModule(owners, taking, "DecodeStep")
     if lean:  # code that looks each submodule up once per call, as AdaptedModule's (not for dynamo, which reads the graph)
-        module._graph = hoist_attribute_paths(graph)[0]
+        module._graph = hoist_attribute_paths(taking)[0]
         module.recompile()
-        module._graph = graph
+        module._graph = taking
+    module.step_graph = graph
     module.train(gm.training)
     return module
+
+
+def _take_inputs(graph: Graph) -> None:
+    """Make ``graph`` one input, the list of its inputs, which it empties first (:func:`_take`),
+    and a flat tuple of outputs (no pytree packing on each token)."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_before(inputs[0]):
+        holder = graph.placeholder("inputs")
+    with graph.inserting_after(inputs[-1]):
+        taken = graph.call_function(_take, (holder,))
+    last = taken
+    for i, node in enumerate(inputs):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (taken, i))
+        node.replace_all_uses_with(last)
+        last.name = node.name
+        graph.erase_node(node)
+    graph._codegen = CodeGen()
+
+
+def _take(inputs: list) -> tuple:
+    """A step's inputs, taken out of the list its caller passed: the step then holds the only
+    references, so each layer's past keys and values are freed as soon as the layer has grown them,
+    as transformers' own cache update frees them, not after the whole step (fresh allocations are
+    slower, and the cache would be held twice)."""
+    taken = tuple(inputs)
+    inputs.clear()
+    return taken
 
 
 def routed_step_modules(gm) -> tuple[nn.Module, nn.Module]:
@@ -337,27 +373,12 @@ def routed_step_modules(gm) -> tuple[nn.Module, nn.Module]:
             if options is not None:
                 args, kwargs = options
                 module = torch.compile(module, *args, **{"dynamic": True, **kwargs})
-            modules.append(_RoutedStep(module, graph_of.graph.graph._codegen.pytree_info.out_spec))
+            modules.append(module)
         built = (key, *modules)
         gm.__dict__["_fx_routed_steps"] = built
-    for routed in built[1:]:
-        routed.module.train(gm.training)
+    for module in built[1:]:
+        module.train(gm.training)
     return built[1], built[2]
-
-
-class _RoutedStep:
-    """A routed step graph (flat inputs, the per-row index last; flat outputs) called as the plain
-    step is, with the index added: ``(input_ids, mask, keys, values, index) -> (logits, keys, values)``."""
-
-    def __init__(self, module, out_spec):
-        self.module, self.out_spec = module, out_spec
-
-    def __call__(self, *inputs):
-        from torch.utils import _pytree as pytree
-
-        *step_inputs, index = inputs
-        flat = self.module(*pytree.tree_leaves(step_inputs), index)
-        return pytree.tree_unflatten(list(flat), self.out_spec)
 
 
 def _expand(index: torch.Tensor, batch: int) -> torch.Tensor:
@@ -506,7 +527,7 @@ class _StepForward:
 
     def __init__(self, prompt, token, step: StepCapture, index: torch.Tensor | None = None):
         self.prompt, self.token, self.step, self.index = prompt, token, step, index
-        self.compiled = not isinstance(token.module if isinstance(token, _RoutedStep) else token, GraphModule)
+        self.compiled = not isinstance(token, GraphModule)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                  cache_position=None, use_cache=True, return_dict=True, **kwargs):
@@ -522,16 +543,19 @@ class _StepForward:
             keys = [torch.zeros(batch, h, 1, d, dtype=self.step.dtype, device=device) for h, d in self.step.layers]
             values = [k.clone() for k in keys]
         else:
-            keys = [layer.keys for layer in cache.layers]
-            values = [layer.values for layer in cache.layers]
+            keys, values = _release(cache)
         slot = torch.zeros(batch, 1, dtype=attention_mask.dtype, device=device)
         if self.compiled:
             for t in (*keys, *values):
                 torch._dynamo.maybe_mark_dynamic(t, 2)  # the past grows every token: one graph for all
-        inputs = (input_ids, torch.cat([slot, attention_mask], dim=1), keys, values)
-        routing = () if self.index is None else (_expand(self.index, batch),)  # a routed step's last input
-        logits, keys, values = (self.token if seq == 1 else self.prompt)(*inputs, *routing)
-        _store(cache, keys, values)
+        inputs = [input_ids, torch.cat([slot, attention_mask], dim=1), *keys, *values]
+        del keys, values  # the step takes the only references
+        if self.index is not None:
+            inputs.append(_expand(self.index, batch))  # a routed step's last input
+        out = (self.token if seq == 1 else self.prompt)(inputs)
+        n = len(self.step.layers)
+        _store(cache, out[1:n + 1], out[n + 1:])
+        logits = out[0]
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(logits=logits, **{field: cache})
 
@@ -542,7 +566,7 @@ class _Seq2SeqForward:
 
     def __init__(self, first, token, step: StepCapture, index: torch.Tensor | None = None):
         self.first, self.token, self.step, self.index = first, token, step, index
-        self.compiled = not isinstance(token.module if isinstance(token, _RoutedStep) else token, GraphModule)
+        self.compiled = not isinstance(token, GraphModule)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, cache=None,
                  past_key_values=None, use_cache=True, return_dict=True, **kwargs):
@@ -553,19 +577,22 @@ class _Seq2SeqForward:
         if attention_mask is None:
             attention_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         own = cache.self_attention_cache
-        routing = () if self.index is None else (_expand(self.index, states.shape[0]),)
+        routing = [] if self.index is None else [_expand(self.index, states.shape[0])]
         if own.get_seq_length() == 0:
-            logits, keys, values, cross_keys, cross_values = self.first(decoder_input_ids, states, attention_mask, *routing)
+            out = self.first([decoder_input_ids, states, attention_mask, *routing])
         else:
-            keys = [layer.keys for layer in own.layers]
-            values = [layer.values for layer in own.layers]
+            keys, values = _release(own)
             if self.compiled:
                 for t in (*keys, *values):
                     torch._dynamo.maybe_mark_dynamic(t, 2)
-            logits, keys, values, cross_keys, cross_values = self.token(decoder_input_ids[:, -1:], states, attention_mask, keys, values, *routing)
-        _store(own, keys, values)
-        _store(cache.cross_attention_cache, cross_keys, cross_values)  # the same each step: the returned cache is complete
-        cache.is_updated.update(dict.fromkeys(range(len(cross_keys)), True))
+            inputs = [decoder_input_ids[:, -1:], states, attention_mask, *keys, *values, *routing]
+            del keys, values  # the step takes the only references
+            out = self.token(inputs)
+        n = len(self.step.layers)
+        _store(own, out[1:n + 1], out[n + 1:2 * n + 1])
+        _store(cache.cross_attention_cache, out[2 * n + 1:3 * n + 1], out[3 * n + 1:])  # the same each step: the returned cache is complete
+        cache.is_updated.update(dict.fromkeys(range(n), True))
+        logits = out[0]
         field = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
         return Seq2SeqLMOutput(logits=logits, **{field: cache})
 
@@ -593,7 +620,15 @@ class _Encoder(nn.Module):
         return BaseModelOutput(last_hidden_state=self._gm(**call).encoder_last_hidden_state)
 
 
-def _store(cache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+def _release(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The keys and values of ``cache``'s layers, which no longer hold them (a step takes them over)."""
+    keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    for layer in cache.layers:
+        layer.keys = layer.values = None
+    return keys, values
+
+
+def _store(cache, keys, values) -> None:
     """Make ``cache``'s layers hold the step's keys and values (the whole sequence, a masked slot first)."""
     from transformers.cache_utils import DynamicLayer
 

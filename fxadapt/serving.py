@@ -75,7 +75,7 @@ def export_generation(gm, directory: str | os.PathLike, max_length: int | None =
 def _eval_copy(module) -> GraphModule:
     """A step graph (compiled or not) as a GraphModule without dropout, sharing the weights."""
     module = getattr(module, "_orig_mod", module)
-    graph = copy_graph(module.graph)
+    graph = copy_graph(module.step_graph)
     specialize_eval(graph)
     graph.lint()
     return GraphModule(module, graph, "Step").eval()
