@@ -150,8 +150,9 @@ def infer(model, inputs) -> Callable[[], object]:
     return run
 
 
-class _LiveTensors(TorchDispatchMode):
-    """Peak bytes of the tensor storages that ops create while the mode is on (peak memory on CPU)."""
+class LiveTensors(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops create while the mode is on and that are alive at
+    once (peak memory on CPU)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -185,7 +186,7 @@ def peak_memory(step: Callable[[], None], device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with _LiveTensors() as tracker:
+    with LiveTensors() as tracker:
         step()
     return tracker.peak
 

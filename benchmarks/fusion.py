@@ -16,9 +16,7 @@ and wall time); a shared machine inflates wall time.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import statistics
 import sys
 import time
 import warnings
@@ -27,8 +25,10 @@ from pathlib import Path
 import torch
 import transformers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import fxadapt  # noqa: E402
+from bench import interleaved  # noqa: E402
 from fxadapt.composition import Fuse  # noqa: E402
 
 TARGET = 1.1
@@ -67,22 +67,6 @@ def step_of(module, inputs, train: bool):
     return run
 
 
-def interleaved(args, fns: dict) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (order alternating) after two warm-up calls each."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(args.repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            gc.collect()
-            start = args.clock()
-            fns[name]()
-            times[name].append(args.clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -94,6 +78,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kinds", default="train,infer", help="which rows: train, infer (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one layer, batch 2 x seq 8, eager against eager, 2 repeats")
     args = parser.parse_args(argv)
+    args.device = "cpu"
     if args.smoke:
         args.layers, args.batch, args.seq, args.repeats = 1, 2, 8, 2
     if args.threads:
@@ -112,7 +97,7 @@ def main(argv=None) -> list[dict]:
         gm.train(train)
         torch._dynamo.reset()
         compiled = gm if args.smoke else torch.compile(gm, fullgraph=True)
-        times = interleaved(args, {"eager": step_of(gm, inputs, train), "compiled": step_of(compiled, inputs, train)})
+        times = interleaved(args, {"eager": step_of(gm, inputs, train), "compiled": step_of(compiled, inputs, train)}, warmup=2)
         rows.append(dict(row=kind, ours=times["compiled"], theirs=times["eager"], target=TARGET))
 
     print(f"# AdapterFusion of 3 Pfeiffer adapters (dynamic): roberta shape, {args.layers} layers, batch {args.batch} x seq {args.seq}, "

@@ -31,40 +31,15 @@ import platform
 import statistics
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench import LiveTensors  # noqa: E402
 
 TARGET = 0.5  # checkpointed / plain peak training memory
-
-
-class LiveTensors(TorchDispatchMode):
-    """Peak bytes of the tensor storages that ops create while the mode is on and that are alive at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.now = self.peak = 0
-
-    def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if id(storage) not in self.live:  # views and in-place results share a counted storage
-                    self.live[id(storage)] = storage.nbytes()
-                    self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(storage, self._free, id(storage))
-        return out
 
 
 def _status_kib(field: str) -> int:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import logging
-import statistics
 import sys
 import time
 import warnings
@@ -34,8 +32,10 @@ from pathlib import Path
 import torch
 import transformers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import fxadapt  # noqa: E402
+from bench import interleaved  # noqa: E402
 
 TARGETS = {("train", 4): 1.2, ("train", 16): 1.5, ("infer", 4): 1.2, ("infer", 16): 1.5, ("peft", 16): 0.8}
 
@@ -74,21 +74,6 @@ def step_of(module, inputs, extra: dict, train: bool):
     return run
 
 
-def interleaved(args, fns: dict) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (order alternating) after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(args.repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            gc.collect()
-            start = args.clock()
-            fns[name]()
-            times[name].append(args.clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -102,6 +87,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kinds", default="train,infer,peft", help="which rows: train, infer, peft (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one layer, batch 4 x seq 8, eager, 2 repeats")
     args = parser.parse_args(argv)
+    args.device = "cpu"
     if args.smoke:
         args.layers, args.batch, args.seq, args.repeats, args.no_compile = 1, 4, 8, 2, True
     if args.threads:
