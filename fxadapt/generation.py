@@ -75,6 +75,7 @@ class StepCapture:
     dtype: torch.dtype
     cache_arg: str
     encoder_decoder: bool = False
+    encoder_length: int | None = None  # an encoder-decoder whose encoder states have one length only (Whisper)
 
 
 class _Step(nn.Module):
@@ -235,7 +236,9 @@ def capture_seq2seq_step(model: nn.Module, model_name: str, example: dict) -> St
         except CaptureError as e:
             raise CaptureError(f"{model_name}: its decoder step with a KV cache could not be captured for generate(): {e}") from e
         graphs.append(StepGraph(captured.graph, anatomy(captured.graph, model_name)))
-    return StepCapture(*graphs, layers, dtype, cache_arg, encoder_decoder=True)
+    states_in = next(n for n in graphs[1].graph.graph.nodes if n.op == "placeholder" and n.name == "encoder_hidden_states")
+    length = states_in.meta["val"].shape[1]
+    return StepCapture(*graphs, layers, dtype, cache_arg, encoder_decoder=True, encoder_length=length if isinstance(length, int) else None)
 
 
 def _size_oblivious():
@@ -574,6 +577,10 @@ class _Seq2SeqForward:
 
         cache = cache if cache is not None else past_key_values
         states = encoder_outputs[0]
+        fixed = self.step.encoder_length
+        if fixed is not None and states.shape[1] != fixed:
+            raise InputError(f"generate(): the encoder states have {states.shape[1]} positions; the model's decoder step was captured "
+                             f"for {fixed}, the only length it takes")
         if attention_mask is None:
             attention_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         own = cache.self_attention_cache

@@ -5,6 +5,7 @@ tokens, and logits within rounding), the merged model's transformers ``generate`
 and the base model's ``generate`` for sampling and beam search with no adapter active.
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -350,3 +351,7 @@ def test_whisper_generate():
     assert torch.equal(out, expected)
     assert not torch.equal(out, theirs.sequences)  # the adapter acts
     assert torch.equal(gm.generate(input_features=features, max_new_tokens=NEW), out[:, 1:])  # as Whisper's: without the start token
+    # A model whose decoder step takes encoder states of one length only is refused any other.
+    gm.__dict__["_fx_step"] = dataclasses.replace(gm.__dict__["_fx_step"], encoder_length=5)
+    with pytest.raises(InputError, match="captured for 5"):
+        gm.generate(input_features=features, max_new_tokens=NEW)
