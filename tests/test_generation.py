@@ -291,18 +291,40 @@ def _seq2seq(name):
     return model.eval()
 
 
-@pytest.mark.parametrize(("arch", "config"), [("t5", "lora"), ("t5", "pfeiffer"), ("t5", "prefix_tuning"), ("bart", "lora"), ("bart", "houlsby"),
-                                              ("marian", "ia3")])
-def test_encoder_decoder_generate(arch, config):
-    """T5, Bart, Marian: generate with adapters (LoRA on q, v of self- and cross-attention) gives the tokens of a
-    no-cache greedy loop over the module's full forward; with no adapter, the model's own generate's."""
-    model = _seq2seq(arch)
+@functools.cache
+def _seq2seq_captured(name):
+    """The model and its capture, with the steps captured and checked once: with no adapter,
+    ``gm.generate`` gives the model's own generate's tokens."""
+    model = _seq2seq(name)
+    gm = fxadapt.capture(model).eval()
+    ids, mask = _seq2seq_prompt()
+    assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW),
+                       model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW))
+    return model, gm
+
+
+def _seq2seq_prompt():
     ids, _ = _prompt()
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0  # encoder inputs padded on the right
-    gm = fxadapt.capture(model).eval()
-    assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW),
-                       model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW))
+    return ids, mask
+
+
+@pytest.fixture
+def seq2seq(request):
+    model, gm = _seq2seq_captured(request.param)
+    yield model, gm
+    for name in list(gm._fx_adapters):
+        gm.delete_adapter(name)
+
+
+@pytest.mark.parametrize(("seq2seq", "config"), [("t5", "lora"), ("t5", "pfeiffer"), ("t5", "prefix_tuning"), ("bart", "lora"),
+                                                 ("bart", "houlsby"), ("marian", "ia3")], indirect=["seq2seq"])
+def test_encoder_decoder_generate(seq2seq, config):
+    """T5, Bart, Marian: generate with adapters (LoRA on q, v of self- and cross-attention) gives the tokens of a
+    no-cache greedy loop over the module's full forward; with no adapter, the model's own generate's."""
+    model, gm = seq2seq
+    ids, mask = _seq2seq_prompt()
     gm.add_adapter("a", config, set_active=True)
     _randomize(gm, "a")
     result = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True)
