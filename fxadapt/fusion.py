@@ -495,11 +495,3 @@ def attach_attentions(module: AdaptedModule, args: tuple, output):
     """Forward hook: ``output.adapter_fusion_attentions`` after a call that asked for them."""
     recorder = module._fx_fusion_recorder
     return attach_recorded(module, output, recorder, "adapter_fusion_attentions", recorder.attentions)
-    recorder.active = False
-    if not hasattr(output, "to_tuple"):
-        from .errors import InputError
-
-        raise InputError(f"{module._fx_model_name} returns {type(output).__name__}, not a ModelOutput: it cannot carry adapter_fusion_attentions")
-    output["adapter_fusion_attentions"] = recorder.attentions()
-    recorder.values.clear()
-    return output

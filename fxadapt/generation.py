@@ -258,19 +258,26 @@ def step_modules(gm) -> tuple[nn.Module, nn.Module]:
     built = gm.__dict__.get("_fx_step_modules")
     if built is None or built[0] is not gm._graph:
         options = gm.__dict__.get("_fx_compile")
-        modules = [_with_adapters(gm, step.prompt, lean=options is None), _with_adapters(gm, step.token, lean=options is None)]
-        if options is not None:
-            args, kwargs = options
-            # Dynamic sizes from the first call: the past grows by one every token.
-            modules = [torch.compile(m, *args, **{"dynamic": True, **kwargs}) for m in modules]
-        built = (gm._graph, *modules)
+        built = (gm._graph, *(_callable(gm, graph_of, _with_adapters(gm, graph_of), options) for graph_of in (step.prompt, step.token)))
         gm.__dict__["_fx_step_modules"] = built
     for module in built[1:]:
         module.train(gm.training)
     return built[1], built[2]
 
 
-def _with_adapters(gm, step: StepGraph, lean: bool = True) -> GraphModule:
+def _callable(gm, step: StepGraph, graph: Graph, options: tuple | None) -> nn.Module:
+    """``graph`` (a form of ``step``'s) without torch.export's input checks, as a module on ``gm``'s
+    weights (:func:`_module`), compiled when ``gm.compile(...)`` gave ``options``."""
+    _drop_checks(graph)
+    module = _module(gm, step, graph, lean=options is None)
+    if options is None:
+        return module
+    args, kwargs = options
+    # Dynamic sizes from the first call: the past grows by one every token.
+    return torch.compile(module, *args, **{"dynamic": True, **kwargs})
+
+
+def _with_adapters(gm, step: StepGraph) -> Graph:
     """``step``'s graph with ``gm``'s active, unmerged adapters planned on it by the same rules."""
     from .module import _single_device, retarget_devices
     from .passes.insert import OPTIMIZATIONS, insert_adapters
@@ -287,12 +294,11 @@ def _with_adapters(gm, step: StepGraph, lean: bool = True) -> GraphModule:
     insert_adapters(gm, graph, setup)
     for optimize in OPTIMIZATIONS:
         optimize(gm, graph)
-    _drop_checks(graph)
     device = _single_device(gm)
     if None not in (device, gm._fx_capture_device) and device != gm._fx_capture_device:
         retarget_devices(graph, gm._fx_capture_device, device)
     graph.lint()
-    return _module(gm, step, graph, lean)
+    return graph
 
 
 def _step_placements(gm, name: str, step: StepGraph) -> list:
@@ -358,8 +364,8 @@ def _take(inputs: list) -> tuple:
 def routed_step_modules(gm) -> tuple[nn.Module, nn.Module]:
     """The prompt and token steps (an encoder-decoder's first and token steps) with every routable
     adapter of ``gm`` gathered per row (:func:`fxadapt.routing.build_graph` on each step graph, with
-    the adapters' placements there), as callables ``step(*inputs, index)`` that return what the plain
-    step returns. Cached until the routable adapters, the device or the compile options change."""
+    the adapters' placements there), called as the plain steps are with the per-row index as the
+    last input. Cached until the routable adapters, the device or the compile options change."""
     from .routing import build_graph, routable, routing_key
 
     step = _step_capture(gm)
@@ -368,16 +374,9 @@ def routed_step_modules(gm) -> tuple[nn.Module, nn.Module]:
     built = gm.__dict__.get("_fx_routed_steps")
     if built is None or built[0] != key:
         names = routable(gm)
-        modules = []
-        for graph_of in (step.prompt, step.token):
-            graph = build_graph(gm, names, graph_of.graph.graph, {name: _step_placements(gm, name, graph_of) for name in names})
-            _drop_checks(graph)
-            module = _module(gm, graph_of, graph, lean=options is None)
-            if options is not None:
-                args, kwargs = options
-                module = torch.compile(module, *args, **{"dynamic": True, **kwargs})
-            modules.append(module)
-        built = (key, *modules)
+        graphs = [(graph_of, build_graph(gm, names, graph_of.graph.graph, {name: _step_placements(gm, name, graph_of) for name in names}))
+                  for graph_of in (step.prompt, step.token)]
+        built = (key, *(_callable(gm, graph_of, graph, options) for graph_of, graph in graphs))
         gm.__dict__["_fx_routed_steps"] = built
     for module in built[1:]:
         module.train(gm.training)
@@ -406,7 +405,7 @@ def _drop_checks(graph: Graph) -> None:
 
 def _place(p) -> tuple:
     """Where a placement acts, in terms both graphs share: method, weights, module path, side."""
-    return p.method, p.module, getattr(p.where, "path", None) or p.where.weight, p.side
+    return p.method, p.module, getattr(p.where, "path", None) or p.where.weight, p.side  # an Attention: its query's weight
 
 
 def _matched(gm, name: str, mine: list) -> list:
@@ -415,7 +414,8 @@ def _matched(gm, name: str, mine: list) -> list:
     slot, per-layer settings) stays as the forward has it. InputError when the places differ, apart
     from an encoder-decoder's encoder, which the steps do not run."""
     theirs = {_place(p): p for p in gm._fx_adapters[name].placements}
-    wanted = {key for key, p in theirs.items() if not _in_encoder(gm, p)}
+    encoder = _encoder_prefix(gm)
+    wanted = {key for key in theirs if encoder is None or not key[2].startswith(encoder)}  # key[2]: the module path
     found = {_place(p) for p in mine}
     if found != wanted:
         raise InputError(f"adapter {name!r}: the decode step of {gm._fx_model_name} has other adapter places than its forward "
@@ -423,16 +423,14 @@ def _matched(gm, name: str, mine: list) -> list:
     return [dataclasses.replace(theirs[_place(p)], where=p.where, anchor=p.anchor) for p in mine]
 
 
-def _in_encoder(gm, placement) -> bool:
-    """Whether a placement acts in the encoder of an encoder-decoder (outside its decoder steps)."""
+def _encoder_prefix(gm) -> str | None:
+    """``"<encoder path>."`` of an encoder-decoder (the steps do not run its encoder), else None."""
     source = gm.__dict__["_fx_source"]
     if not getattr(source.config, "is_encoder_decoder", False):
-        return False
+        return None
     encoder = source.get_encoder()
-    prefix = next((path for path, m in source.named_modules() if m is encoder), None)
-    where = placement.where
-    path = getattr(where, "path", None) or where.weight  # an Attention names its query projection's weight
-    return prefix is not None and path.startswith(prefix + ".")
+    path = next((path for path, m in source.named_modules() if m is encoder), None)
+    return None if path is None else path + "."
 
 
 def _lookup(target: str, *roots: nn.Module):

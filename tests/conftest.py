@@ -219,6 +219,20 @@ def assert_inductor_step_matches_eager(gm, inputs: dict, *, rtol: float, grad_rt
         assert_outputs_close(g, e, rtol=grad_rtol)
 
 
+def copy_peft_lora(theirs, gm) -> int:
+    """Copy the LoRA factors of every adapter of PEFT model ``theirs`` into ``gm``'s LoRA adapter of
+    the same name. Returns how many tensors were copied."""
+    copied = 0
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            if ".lora_" in key:
+                path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+                which, adapter, _ = rest.split(".")
+                gm.adapter_state_dict(adapter)[f"{path}.lora_{which}"].copy_(p)
+                copied += 1
+    return copied
+
+
 def assert_lora_matches_peft(model, inputs: dict, gm, config, targets: list[str], rtol: float) -> None:
     """Add ``config`` (a LoRA on exactly ``targets``) to ``gm``, copy the weights of PEFT's LoRA on the
     same modules (random, ``init_lora_weights=False``) into it, and compare the first outputs; the

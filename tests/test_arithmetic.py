@@ -16,7 +16,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 import fxadapt
-from conftest import build, inputs_for
+from conftest import build, copy_peft_lora, inputs_for
 from fxadapt.errors import AdapterError, ConfigError
 from fxadapt.naming import state_key
 from fxadapt.testing import assert_outputs_close, assert_unchanged, relative_error, rounding_tolerance, snapshot
@@ -125,17 +125,8 @@ def pair():
     theirs.eval()
     for name, alpha in (("a", 8), ("b", 12)):
         ours.add_adapter(name, fxadapt.LoRAConfig(r=4, alpha=alpha))
-        copy_from_peft(theirs, ours, name, name)
+    copy_peft_lora(theirs, ours)
     return theirs, ours
-
-
-def copy_from_peft(theirs, ours, their_name: str, our_name: str) -> None:
-    state = ours.adapter_state_dict(our_name)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if f".{their_name}." in n and ".lora_" in n:
-                path, which = n.removeprefix("base_model.model.").split(".lora_")
-                state[f"{path}.lora_{which.split('.')[0]}"].copy_(p)
 
 
 def peft_state(theirs, name: str) -> dict[str, torch.Tensor]:

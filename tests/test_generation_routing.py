@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxadapt
+from conftest import copy_peft_lora
 from fxadapt.errors import InputError
 from fxadapt.testing import assert_outputs_close, assert_unchanged, relative_error, rounding_tolerance, snapshot
 
@@ -49,12 +50,8 @@ def _setup():
     gm.add_adapter("one", fxadapt.LoRAConfig(r=8, alpha=16))
     gm.add_adapter("two", fxadapt.LoRAConfig(r=4, alpha=12, attn_matrices=["q", "k", "v"]))
     gm.add_adapter("bn", "pfeiffer")
+    copy_peft_lora(theirs, gm)
     with torch.no_grad():
-        for key, p in theirs.named_parameters():
-            if ".lora_" in key:
-                path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
-                which, name, _ = rest.split(".")
-                gm.adapter_state_dict(name)[f"{path}.lora_{which}"].copy_(p)
         g = torch.Generator().manual_seed(2)
         for p in gm._adapter_parameters("bn"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxadapt
-from conftest import captured, inputs_for, perturb_, reference, restored
+from conftest import captured, copy_peft_lora, inputs_for, perturb_, reference, restored
 from fxadapt.errors import InputError
 from fxadapt.testing import assert_outputs_close, assert_unchanged, relative_error, rounding_tolerance, snapshot
 
@@ -40,14 +40,7 @@ def test_lora_routing_matches_peft_adapter_names(arch):
     with restored(gm, "one", "two"):
         gm.add_adapter("one", fxadapt.LoRAConfig(r=8, alpha=16))
         gm.add_adapter("two", fxadapt.LoRAConfig(r=4, alpha=12, attn_matrices=["q", "k", "v"]))
-        copied = 0
-        with torch.no_grad():
-            for key, p in theirs.named_parameters():
-                if ".lora_" in key:
-                    path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
-                    which, name, _ = rest.split(".")
-                    gm.adapter_state_dict(name)[f"{path}.lora_{which}"].copy_(p)
-                    copied += 1
+        copied = copy_peft_lora(theirs, gm)
         assert copied == 2 * (len(a_targets) + len(b_targets)) * 2  # A and B, two layers
         inputs = inputs_for(model, batch=5)
         names = ["one", "two", "__base__", "one", "two"]
