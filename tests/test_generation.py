@@ -19,9 +19,9 @@ from fxadapt.testing import assert_outputs_close
 NEW = 6
 
 
-def _llama():
+def _llama(layers=2):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=None, bos_token_id=1)
     return LlamaForCausalLM(cfg).eval()
 
@@ -204,18 +204,20 @@ def test_step_graphs_follow_adapter_changes(lm):
 
 
 def test_bad_input():
-    gm = fxadapt.capture(LlamaModel(_llama().config))
+    gm = fxadapt.capture(LlamaModel(_llama(layers=1).config))
     with pytest.raises(InputError, match="ForCausalLM"):
         gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
-    model = _llama()
-    gm = fxadapt.capture(model)
+    _, gm = _captured("llama")  # the other tests' capture: its decode steps are captured once per file
     with pytest.raises(InputError, match="max_position_embeddings"):
         gm.generate(input_ids=torch.ones(1, 65, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match="not_an_argument"):  # transformers refuses unknown arguments
         gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, not_an_argument=1)
     gm.add_adapter("p", "prompt_tuning", set_active=True)
-    with pytest.raises(InputError, match="'p'"):
-        gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+    try:
+        with pytest.raises(InputError, match="'p'"):
+            gm.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+    finally:
+        gm.delete_adapter("p")
 
 
 def test_compiled_steps_compile_once():
@@ -223,14 +225,14 @@ def test_compiled_steps_compile_once():
     recompiling), with the eager module's tokens; the model's mode is left as it was."""
     from torch._dynamo.utils import counters
 
-    model = _llama().train()
+    model = _llama(layers=1).train()  # one layer: compiled in half the time of two
     gm = fxadapt.capture(model).eval()
     gm.add_adapter("a", "lora", set_active=True)
     _randomize(gm, "a")
     ids, mask = _prompt()
     eager = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
     assert model.training and all(m.training for m in model.modules())  # the step capture restored the model's mode
-    gm.compile(backend="aot_eager", fullgraph=True)
+    gm.compile(backend="eager", fullgraph=True)
     torch._dynamo.reset()
     counters.clear()
     assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), eager)
@@ -241,10 +243,11 @@ def test_compiled_steps_compile_once():
 
 def test_export_for_serving(tmp_path):
     """fxadapt.export(gm, directory) on a causal LM: prompt and token programs whose greedy loop
-    (fxadapt.load_exported) gives gm.generate's tokens, unmerged and merged; bad input refused."""
+    (fxadapt.load_exported) gives gm.generate's tokens, with one adapter merged into the weights and
+    one unmerged (graph nodes); bad input refused."""
     from fxadapt.errors import ExportError
 
-    model = _llama()
+    model = _llama(layers=1)  # one layer: exported in half the time of two
     gm = fxadapt.capture(model).eval()
     gm.add_adapter("a", "lora", set_active=True)
     gm.add_adapter("b", "pfeiffer", set_active=True)
@@ -254,14 +257,16 @@ def test_export_for_serving(tmp_path):
         for p in gm._adapter_parameters("a"):
             p.mul_(0.2)
     ids, mask = _prompt()
-    for merged in (False, True):
-        if merged:
-            gm.merge_adapter("a")
-        expected = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
-        fxadapt.export(gm, tmp_path / "serve", max_length=32)
-        runner = fxadapt.load_exported(tmp_path / "serve")
-        assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
-        assert torch.equal(runner.generate(ids[:1, 2:], max_new_tokens=NEW), gm.generate(input_ids=ids[:1, 2:], max_new_tokens=NEW))
+    gm.merge_adapter("a")  # one export covers both: "a" lives in the weights, "b" is graph nodes
+    expected = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+    fxadapt.export(gm, tmp_path / "serve", max_length=32)
+    runner = fxadapt.load_exported(tmp_path / "serve")
+    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
+    assert torch.equal(runner.generate(ids[:1, 2:], max_new_tokens=NEW), gm.generate(input_ids=ids[:1, 2:], max_new_tokens=NEW))
+    gm.set_active_adapters("a")  # the runner reads the exported programs, not the module
+    assert not torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), expected)  # "b" acts
+    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
+    gm.set_active_adapters(["a", "b"])
     # eos: rows that end go on with the pad token, as transformers' generate
     eos = int(expected[0, 8])
     assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos),
@@ -276,17 +281,16 @@ def test_export_for_serving(tmp_path):
 
 
 def _seq2seq(name):
-    from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, T5Config, T5ForConditionalGeneration
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
     if name == "t5":
         model = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     else:
-        cls, config = {"bart": (BartForConditionalGeneration, BartConfig), "marian": (MarianMTModel, MarianConfig)}[name]
-        model = cls(config(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                           encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, eos_token_id=2,
-                           decoder_start_token_id=1))
+        model = BartForConditionalGeneration(BartConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                                        max_position_embeddings=64, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1))
     model.generation_config.eos_token_id = model.generation_config.forced_eos_token_id = None  # run every step: the oracle has no stop
     return model.eval()
 
@@ -319,9 +323,9 @@ def seq2seq(request):
 
 
 @pytest.mark.parametrize(("seq2seq", "config"), [("t5", "lora"), ("t5", "pfeiffer"), ("t5", "prefix_tuning"), ("bart", "lora"),
-                                                 ("bart", "houlsby"), ("marian", "ia3")], indirect=["seq2seq"])
+                                                 ("bart", "houlsby"), ("bart", "ia3")], indirect=["seq2seq"])
 def test_encoder_decoder_generate(seq2seq, config):
-    """T5, Bart, Marian: generate with adapters (LoRA on q, v of self- and cross-attention) gives the tokens of a
+    """T5 and Bart (Marian's architecture too): generate with adapters (LoRA on q, v of self- and cross-attention) gives the tokens of a
     no-cache greedy loop over the module's full forward; with no adapter, the model's own generate's."""
     model, gm = seq2seq
     ids, mask = _seq2seq_prompt()

@@ -248,8 +248,10 @@ def test_pickling_says_how_to_save_instead(bert, tmp_path):
         torch.save(gm, tmp_path / "gm.pt")
 
 
-@pytest.mark.parametrize("config_id", ["lora", "unipelt", "houlsby+inv"])
-@pytest.mark.parametrize("arch", ["bert", "llama", "deberta-v2"])
+# Every case also merges a LoRA; UniPELT (prefix masks, gates) and Houlsby + invertible adapters add the
+# nodes that create tensors, on the three ways of positions (absolute, rotary, relative).
+@pytest.mark.parametrize(("arch", "config_id"), [("bert", "houlsby+inv"), ("llama", "unipelt"), ("llama", "houlsby+inv"),
+                                                 ("deberta-v2", "unipelt"), ("deberta-v2", "houlsby+inv")])
 def test_to_another_device_moves_the_graphs_tensors_and_ops(arch, config_id):
     """.to(device) after the capture: the ops that create tensors (arange, masks, copies) create
     them on the new device, and constants and merged weights' originals move too. The meta device

@@ -294,17 +294,18 @@ def test_from_dict_round_trips_and_configs_id():
 def test_bad_peft_files_are_named(change, match, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model, _, theirs, _ = _pair("qv")
+    model, gm = captured("bert")
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=4, target_modules=CASES["qv"][1], projection_prng_key=SEED))
     theirs.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     change(meta, tensors)
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    gm = fxadapt.capture(copy.deepcopy(model))
+    adapters, before = dict(gm.adapters), dict(gm.named_parameters())
     with pytest.raises(CheckpointError, match=match):
         gm.load_adapter(tmp_path)
-    assert not gm.adapters
+    assert gm.adapters == adapters and dict(gm.named_parameters()) == before
 
 
 def test_native_format_and_deepcopy_keep_a_and_b(tmp_path):
