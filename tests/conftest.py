@@ -36,6 +36,20 @@ if os.environ.get("FXADAPT_FLUSH_DENORMAL") == "1" and not torch.set_flush_denor
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
+# The files that run longest (seconds, measured with --durations=0 on two workers), first: README's
+# command hands whole files to the two workers in collection order (--dist loadfile
+# --no-loadscope-reorder), so a long file taken up last would end the run on one worker alone.
+LONGEST_FIRST = ["test_generation.py", "test_benchmarks.py", "test_compile.py", "test_checkpoint.py", "test_module.py",
+                 "test_examples.py", "test_export.py", "test_cli.py", "test_architecture_classes.py", "test_loha_lokr.py",
+                 "test_decoder_heads.py", "test_fuse.py", "test_references.py", "test_encoder_decoder.py", "test_training.py",
+                 "test_gradient_checkpointing.py", "test_moe.py", "test_generation_routing.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
 H = 32
 _ENCODER = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
 _DECODER = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
