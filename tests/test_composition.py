@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import fxadapt
-from conftest import HUB, HUB_RTOL as RTOL, hub_base, hub_io
+from conftest import HUB, HUB_RTOL as RTOL, captured, hub_base, hub_io
 from fxadapt.composition import Average, BatchSplit, Block, Parallel, Split, Stack, to_lora
 from fxadapt.errors import AdapterError, InputError
 from fxadapt.testing import assert_unchanged, relative_error, snapshot
@@ -89,6 +89,9 @@ def test_list_is_unchanged_and_blocks_round_trip(hub_clean):
     (Stack("a", Stack("b", "c")), "cannot nest Stack"),
     (Stack("a", "i"), "invertible adapters"),
     (Average("a", "dora"), "'dora' has dora adapters, which do not compose"),
+    # AdapterHub fails on these (its BottleneckLayer finishes all rows with the last slice's adapter)
+    (Parallel("bn", "a"), r"output block of layer 0 some rows of a Parallel / BatchSplit pass a bottleneck adapter \(bn\) and some none.*adapter_names"),
+    (BatchSplit("a", "bn", batch_sizes=[1, 1]), r"some rows of a Parallel / BatchSplit pass a bottleneck adapter \(bn\) and some none"),
 ])
 def test_refused_setups_change_nothing(setup, match, hub_clean):
     gm = hub_base("roberta")
@@ -97,12 +100,27 @@ def test_refused_setups_change_nothing(setup, match, hub_clean):
     gm.add_adapter("q", fxadapt.PrefixTuningConfig(prefix_length=2))
     gm.add_adapter("i", "pfeiffer+inv")
     gm.add_adapter("dora", fxadapt.DoRAConfig(r=2))
+    gm.add_adapter("bn", "pfeiffer")
     gm.set_active_adapters(Stack("a", "b"))
     before = snapshot(gm)
     with pytest.raises(AdapterError, match=match):
         gm.set_active_adapters(setup)
     assert_unchanged(gm, before)
     assert gm.active_adapters == Stack("a", "b")
+
+
+def test_parallel_of_loras_on_a_fused_projection_is_refused():
+    _, gm = captured("deberta")  # q, k, v in one in_proj
+    gm.add_adapter("a", "lora")
+    gm.add_adapter("b", "lora")
+    try:
+        before = snapshot(gm)
+        with pytest.raises(AdapterError, match=r"encoder.layer.0.attention.self.in_proj \(v\) is part of a fused projection"):
+            gm.set_active_adapters(Parallel("a", "b"))
+        assert_unchanged(gm, before)
+    finally:
+        gm.delete_adapter("a")
+        gm.delete_adapter("b")
 
 
 def test_stacked_loras_need_square_projections(hub_clean):
@@ -171,7 +189,7 @@ def test_compiles_as_one_graph(hub_clean):
 
     gm = hub_base("roberta")
     load(gm, "roberta/compose_stack_pfeiffer_lora")  # a: Pfeiffer, b: LoRA
-    gm.set_active_adapters(Parallel(Stack("a", "b"), BatchSplit("b", "a", batch_sizes=[1, 1])))
+    gm.set_active_adapters(Parallel(Stack("a", "b"), BatchSplit(Stack("a", "b"), "a", batch_sizes=[1, 1])))
     inputs = hub_io("roberta/compose_stack_pfeiffer_lora")
     eager = run(gm, inputs)
     torch._dynamo.reset()

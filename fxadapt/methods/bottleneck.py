@@ -342,6 +342,12 @@ class Composer(composition.Composer):
         return _BnState(sl(state.hidden), sl(state.input_tensor), sl(state.residual), state.last, False)
 
     def cat(self, states):
+        if any(s.last is None for s in states) and any(s.last is not None for s in states):
+            # AdapterHub's BottleneckLayer fails here: it would finish every row with the last slice's adapter.
+            raise AdapterError(f"at the {self.block.location} block of layer {self.block.layer} some rows of a Parallel / BatchSplit "
+                               f"pass a bottleneck adapter ({', '.join(self.placements)}) and some none, but the block ends with one "
+                               "adapter's post_forward for all its rows: give each child a bottleneck adapter there, or run each row "
+                               "through its own adapter with adapter_names (the batch repeated for a Parallel)")
         cat = lambda ts: self.e.call(aten.cat.default, ts, 0)  # noqa: E731
         return _BnState(cat([s.hidden for s in states]), cat([s.input_tensor for s in states]), cat([s.residual for s in states]),
                         states[-1].last, False)

@@ -215,7 +215,7 @@ class Composer(composition.Composer):
     def __init__(self, e: Emitter, placements, weights):
         super().__init__(e, placements, weights)
         p = next(iter(placements.values()))
-        self.site = p.site
+        self.site, self.where = p.site, p.describe()
         for q in placements.values():
             lin = q.site.linear
             if lin.experts or lin.conv or q.side != "output" or q.method not in ("lora", "ia3"):
@@ -253,7 +253,7 @@ class Composer(composition.Composer):
 
     def vslice(self, state, start, stop):
         if self.flat:
-            raise AdapterError(f"{self.site.describe()} reads its input flattened to (batch * sequence, features): Parallel / "
+            raise AdapterError(f"{self.where} reads its input flattened to (batch * sequence, features): Parallel / "
                                "BatchSplit of LoRA cannot slice its rows")
         hidden = self.slice(state.hidden, 0, start, stop) if state.batched else state.hidden
         return _LoRAState(self.slice(state.x, 0, start, stop), hidden, self.slice(self._y(state), 0, start, stop), state.last, state.batched)
@@ -268,7 +268,7 @@ class Composer(composition.Composer):
         if all(s.hidden is None for s in states):
             return _LoRAState(x, None, y, last)
         if self.site.columns is not None:
-            raise AdapterError(f"{self.site.describe()} is part of a fused projection: Parallel / BatchSplit of LoRA or (IA)^3 "
+            raise AdapterError(f"{self.where} is part of a fused projection: Parallel / BatchSplit of LoRA or (IA)^3 "
                                "there is not supported")
         parts = []
         for s in states:  # each slice's output over its rows: a missing one is neutral, a vector spread over its rows
@@ -297,7 +297,7 @@ class Composer(composition.Composer):
         hidden = e.call(aten.type_as.default, state.hidden, y)
         if state.last == "ia3":
             if self.site.columns is not None and state.batched:
-                raise AdapterError(f"{self.site.describe()} is part of a fused projection: this (IA)^3 composition is not supported there")
+                raise AdapterError(f"{self.where} is part of a fused projection: this (IA)^3 composition is not supported there")
             e.y = e.call(aten.mul.Tensor, y, e.full_vector(hidden, self.site, f"{next(iter(self.placements.values())).module}.columns", 1.0))
         else:
             p = next(q for q in self.placements.values() if q.method == "lora")
