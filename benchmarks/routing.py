@@ -10,10 +10,10 @@ Rows (ratio = routed / other; targets from issue 14):
             q, v; the module holds K adapters) / the same step with one adapter active, no routing;
             eager and compiled (inductor, each side compiled whole). Targets: K=4 <= 1.2, K=16 <= 1.5.
   infer K   the same, inference (no gradients).
-  peft 16   inference routed over 16 adapters, fxadapt (eager) / PEFT's ``adapter_names`` forward (PEFT
-            routes in eval mode only); target <= 0.8. Two more rows give fxadapt's and PEFT's time over
-            the base model's without adapters, measured in the same rounds: no routing can beat that floor.
-            ``--seq 1`` is a decode step's shape (one new token per row).
+  peft 16   inference routed over 16 adapters, fxadapt (eager, and compiled whole with inductor) / PEFT's
+            ``adapter_names`` forward (eager: PEFT routes in eval mode only); target <= 0.8. More rows give
+            the base model's time without adapters (eager, and compiled), measured in the same rounds: no
+            routing can beat that floor. ``--seq 1`` is a decode step's shape (one new token per row).
 
 The clock is the process CPU time on one thread by default (``--threads 0 --clock wall`` for torch's
 threads and wall time); a shared machine inflates wall time.
@@ -137,14 +137,19 @@ def main(argv=None) -> list[dict]:
         fns = {"ours": step_of(modules[k], inputs, {"adapter_names": index}, False),
                "peft": step_of(theirs, inputs, {"adapter_names": names}, False),
                "base": step_of(model, inputs, {}, False)}
+        if not args.no_compile:  # compiled (inductor), each whole: fxadapt routed, and the base model as the floor
+            torch._dynamo.reset()
+            fns["ours compiled"] = step_of(torch.compile(modules[k], fullgraph=True), inputs, {"adapter_names": index}, False)
+            fns["base compiled"] = step_of(torch.compile(model), inputs, {}, False)
         times = interleaved(args, fns)
-        rows.append(dict(row=f"peft K={k}", mode="eager", ours=times["ours"], theirs=times["peft"], other="PEFT adapter_names",
-                         target=TARGETS.get(("peft", k))))
-        # The floor: the base model alone. PEFT's time over it is what routing can save at all.
-        rows.append(dict(row=f"base K={k}", mode="eager", ours=times["ours"], theirs=times["base"], other="base model, no adapter",
-                         target=None))
-        rows.append(dict(row=f"base K={k}", mode="eager", ours=times["peft"], theirs=times["base"], other="(PEFT / base model)",
-                         target=None))
+        for mode in ("eager", "compiled") if "ours compiled" in times else ("eager",):
+            ours, base = ("ours", "base") if mode == "eager" else ("ours compiled", "base compiled")
+            rows.append(dict(row=f"peft K={k}", mode=mode, ours=times[ours], theirs=times["peft"], other="PEFT adapter_names (eager)",
+                             target=TARGETS.get(("peft", k))))
+            # The floor: the base model without adapters over PEFT is the least any routing can reach.
+            rows.append(dict(row="floor", mode=mode, ours=times[base], theirs=times["peft"], other="(base model / PEFT)", target=None))
+            rows.append(dict(row=f"base K={k}", mode=mode, ours=times[ours], theirs=times[base], other="base model, no adapter",
+                             target=None))
 
     print(f"# routing over K LoRA adapters (r=8, q+v): roberta shape, {args.layers} layers, batch {args.batch} x seq {args.seq}, "
           f"{args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {'CPU' if args.clock is time.process_time else 'wall'} clock")
