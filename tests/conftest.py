@@ -36,7 +36,7 @@ if os.environ.get("FXADAPT_FLUSH_DENORMAL") == "1" and not torch.set_flush_denor
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
-# The files that run longest (seconds, measured with --durations=0 on two workers), first: README's
+# The files that run longest (measured with --durations=0 on two workers), first: README's
 # command hands whole files to the two workers in collection order (--dist loadfile
 # --no-loadscope-reorder), so a long file taken up last would end the run on one worker alone.
 LONGEST_FIRST = ["test_generation.py", "test_benchmarks.py", "test_compile.py", "test_checkpoint.py", "test_module.py",
