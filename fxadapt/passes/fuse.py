@@ -187,34 +187,31 @@ def hoist_attribute_paths(graph: Graph) -> tuple[Graph, dict[Node, Node]]:
         return modules[path]
 
     env: dict[Node, Node] = {}
-    bindings = _bindings()
     for node in graph.nodes:
         if node.op == "get_attr" and "." in node.target:
             parent, _, leaf = node.target.rpartition(".")
             env[node] = new.create_node("call_function", getattr, (module(parent), leaf), name=node.name)
         else:
             env[node] = new.node_copy(node, env.__getitem__)
-            if node.op == "call_function" and node.target in bindings:
-                env[node].target = bindings[node.target]
+            if node.op == "call_function" and node.target in _BINDINGS:
+                env[node].target = _BINDINGS[node.target]
         env[node].meta = node.meta
     return new, {copy: node for node, copy in env.items()}
 
 
-def _bindings() -> dict:
-    """The ATen ops most frequent in captured graphs -> torch's own Python bindings of the same
-    native function, which take the same arguments (generated from the same schema) and dispatch
-    with less Python around each call: ``torch.ops.aten.add.Tensor(x, y)`` costs about 2.5 us more
-    than ``torch.add(x, y)`` on small tensors, which at a decode step's sizes is several percent of a
-    call. Only overloads whose binding resolves to the same overload for every argument a graph
-    passes are listed."""
-    return {
-        aten.linear.default: torch._C._nn.linear, aten.silu.default: torch._C._nn.silu,
-        aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul, aten.neg.default: torch.neg,
-        aten.pow.Tensor_Scalar: torch.pow, aten.rsqrt.default: torch.rsqrt, aten.mean.dim: torch.mean,
-        aten.cos.default: torch.cos, aten.sin.default: torch.sin, aten.cat.default: torch.cat,
-        aten.unsqueeze.default: torch.unsqueeze, aten.transpose.int: torch.transpose, aten.reshape.default: torch.reshape,
-        aten.view.default: torch.Tensor.view, aten.to.dtype: torch.Tensor.to,
-    }
+#: The ATen ops most frequent in captured graphs -> torch's own Python bindings of the same native
+#: function, which take the same arguments (generated from the same schema) and dispatch with less
+#: Python around each call: ``torch.ops.aten.add.Tensor(x, y)`` costs about 3 us more than
+#: ``torch.add(x, y)`` on small tensors, which at a decode step's sizes is several percent of a call.
+#: Only overloads whose binding resolves to the same overload for every argument a graph passes are listed.
+_BINDINGS = {
+    aten.linear.default: torch._C._nn.linear, aten.silu.default: torch._C._nn.silu,
+    aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul, aten.neg.default: torch.neg,
+    aten.pow.Tensor_Scalar: torch.pow, aten.rsqrt.default: torch.rsqrt, aten.mean.dim: torch.mean,
+    aten.cos.default: torch.cos, aten.sin.default: torch.sin, aten.cat.default: torch.cat,
+    aten.unsqueeze.default: torch.unsqueeze, aten.transpose.int: torch.transpose, aten.reshape.default: torch.reshape,
+    aten.view.default: torch.Tensor.view, aten.to.dtype: torch.Tensor.to,
+}
 
 
 # -- merged graphs ----------------------------------------------------------------------------
