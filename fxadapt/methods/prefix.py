@@ -140,7 +140,9 @@ def _prefix_pair(e: Emitter, p: Placement, gate: Gate | None, x: Node, batch) ->
 
 class Composer(composition.Composer):
     """Prefix tuning in a composition (AdapterHub's ``PrefixTuningLayer``): a Stack concatenates the
-    prefixes (the last adapter's first), Parallel and BatchSplit give each slice of rows its own."""
+    prefixes (the last adapter's first), Parallel and BatchSplit give each slice of rows its own. Slices
+    with prefixes of different lengths (or none) are padded at the front to the longest and the padding
+    masked, so each slice attends exactly as with its own prefix alone."""
 
     def __init__(self, e: Emitter, placements, weights):
         super().__init__(e, placements, weights)
@@ -152,7 +154,7 @@ class Composer(composition.Composer):
         return self.e.pre(target, *args)
 
     def initial(self):
-        return _PrefixState(None, None, 0, self.x, self.batch)
+        return _PrefixState(None, None, 0, self.x, self.batch, None)
 
     def rows(self, state):
         return state.batch
@@ -160,30 +162,41 @@ class Composer(composition.Composer):
     def single(self, name, state):
         p = self.placements[name]
         k, v = _prefix_pair(self.e, p, self.weights[name], state.x, state.batch)
+        visible = state.visible
         if state.k is not None:  # stacked: this adapter's prefix before the earlier ones
             k, v = self.e.pre(aten.cat.default, [k, state.k], 2), self.e.pre(aten.cat.default, [v, state.v], 2)
-        return state._replace(k=k, v=v, length=state.length + p.config.prefix_length)
+            if visible is not None:
+                visible = self.e.pre(aten.constant_pad_nd.default, visible, [p.config.prefix_length, 0], 1)
+        return state._replace(k=k, v=v, length=state.length + p.config.prefix_length, visible=visible)
 
     def vslice(self, state, start, stop):
         if self.flat:
             raise AdapterError(f"the attention of layer {self.att.layer} holds batch and heads in one dimension: "
                                "Parallel / BatchSplit of prefix tuning cannot slice its rows")
         sl = lambda t: None if t is None else self.slice(t, 0, start, stop)  # noqa: E731
-        return _PrefixState(sl(state.k), sl(state.v), state.length, sl(state.x), self.e.pre(operator.sub, stop, start))
+        return _PrefixState(sl(state.k), sl(state.v), state.length, sl(state.x), self.e.pre(operator.sub, stop, start), sl(state.visible))
 
     def cat(self, states):
-        lengths = {s.length for s in states}
-        if len(lengths) > 1:
-            raise AdapterError(f"the slices of a Parallel / BatchSplit give prefixes of lengths {sorted(lengths)} at the attention of "
-                               f"layer {self.att.layer}; AdapterHub pads them with pad_token_id keys, fxadapt needs equal prefix lengths")
-        if any(s.k is None for s in states):
-            return states[0]._replace(x=self.x, batch=self.batch) if all(s.k is None for s in states) else self.cat_error()
-        cat = lambda ts: self.e.pre(aten.cat.default, ts, 0)  # noqa: E731
-        return _PrefixState(cat([s.k for s in states]), cat([s.v for s in states]), states[0].length, self.x, self.batch)
-
-    def cat_error(self):
-        raise AdapterError(f"at the attention of layer {self.att.layer} some slices of a Parallel / BatchSplit have a prefix and some "
-                           "none; fxadapt needs equal prefix lengths")
+        if all(s.k is None for s in states):
+            return states[0]._replace(x=self.x, batch=self.batch)
+        cat = lambda ts, dim=0: self.e.pre(aten.cat.default, ts, dim)  # noqa: E731
+        length = max(s.length for s in states)
+        if all(s.length == length and s.visible is None for s in states):
+            return _PrefixState(cat([s.k for s in states]), cat([s.v for s in states]), length, self.x, self.batch, None)
+        like = next(s.k for s in states if s.k is not None)
+        ks, vs, visible = [], [], []
+        for s in states:  # padded at the front, where a Stack puts the next prefix
+            if s.k is None:
+                zeros = self.e.pre(aten.new_zeros.default, like, [s.batch, self.att.kv_heads, length, self.att.head_dim])
+                ks.append(zeros), vs.append(zeros)
+                visible.append(self.e.pre(aten.new_zeros.default, s.x, [s.batch, length], dtype=torch.bool))
+                continue
+            pad = length - s.length
+            ks.append(self.e.pre(aten.constant_pad_nd.default, s.k, [0, 0, pad, 0], 0.0) if pad else s.k)
+            vs.append(self.e.pre(aten.constant_pad_nd.default, s.v, [0, 0, pad, 0], 0.0) if pad else s.v)
+            shown = s.visible if s.visible is not None else self.e.pre(aten.new_ones.default, s.x, [s.batch, s.length], dtype=torch.bool)
+            visible.append(self.e.pre(aten.constant_pad_nd.default, shown, [pad, 0], 0) if pad else shown)
+        return _PrefixState(cat(ks), cat(vs), length, self.x, self.batch, cat(visible))
 
     def mean(self, outs, state):
         raise AdapterError("Average does not compose prefix tuning (AdapterHub's rule)")
@@ -192,7 +205,7 @@ class Composer(composition.Composer):
         if state.k is None:
             return
         extend = _extend_sdpa if self.att.kind == "sdpa" else _extend_matmul
-        extend(self.e, self.att, state.k, state.v, state.length)
+        extend(self.e, self.att, state.k, state.v, state.length, state.visible)
 
 
 class _PrefixState(NamedTuple):
@@ -201,6 +214,7 @@ class _PrefixState(NamedTuple):
     length: int
     x: Node
     batch: Node
+    visible: Node | None  # (rows, length) bool: which prefix slots each row attends to; None: all
 
 
 def _as_layout(e: Emitter, prefix: Node, like: Node, heads: int) -> Node:
@@ -227,7 +241,7 @@ def _arg(node: Node, index: int, name: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _extend_sdpa(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> None:
+def _extend_sdpa(e: Emitter, att: Attention, k: Node, v: Node, p_len: int, visible: Node | None = None) -> None:
     node = e.node
     q, key, value = node.args[0], node.args[1], node.args[2]
     new_k = e.pre(aten.cat.default, [_as_layout(e, k, key, att.kv_heads), key], -2)
@@ -238,13 +252,39 @@ def _extend_sdpa(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> No
         q_len, k_len = e.pre(aten.sym_size.int, q, -2), e.pre(aten.sym_size.int, key, -2)
         ones = e.pre(aten.ones.default, [q_len, k_len], dtype=torch.bool, device=_device(key))
         causal = e.pre(aten.tril.default, ones, e.pre(operator.sub, k_len, q_len))
-        visible = e.pre(aten.ones.default, [q_len, p_len], dtype=torch.bool, device=_device(key))
-        _set_arg(node, 3, "attn_mask", e.pre(aten.cat.default, [visible, causal], -1))
+        if visible is None:
+            shown = e.pre(aten.ones.default, [q_len, p_len], dtype=torch.bool, device=_device(key))
+            _set_arg(node, 3, "attn_mask", e.pre(aten.cat.default, [shown, causal], -1))
+        else:
+            _set_arg(node, 3, "attn_mask", _cat_rows(e, visible, causal, 1, q_len))
         _set_arg(node, 5, "is_causal", False)
+    elif isinstance(mask, Node) and visible is not None:
+        val = mask.meta["val"]
+        for _ in range(4 - val.ndim):  # as SDPA broadcasts it: (batch, heads, queries, keys)
+            mask = e.pre(aten.unsqueeze.default, mask, 0)
+        if val.dtype != torch.bool:  # an additive mask: hidden slots get -inf
+            visible = e.pre(aten.masked_fill.Scalar, e.pre(aten.new_zeros.default, mask, [1]),
+                            e.pre(aten.logical_not.default, visible), float("-inf"))
+        _set_arg(node, 3, "attn_mask", _cat_rows(e, visible, mask, e.pre(aten.sym_size.int, mask, 1), e.pre(aten.sym_size.int, mask, 2)))
     elif isinstance(mask, Node):
         _set_arg(node, 3, "attn_mask", _pad_front(e, mask, p_len, keep=True))
+    elif visible is not None:  # no mask: the tokens all visible, the prefix slots per row
+        shown = e.pre(aten.new_ones.default, visible, [e.pre(aten.sym_size.int, visible, 0), e.pre(aten.sym_size.int, key, -2)])
+        _set_arg(node, 3, "attn_mask", _cat_rows(e, e.pre(aten.cat.default, [visible, shown], -1), None, 1, 1))
     _set_arg(node, 1, "key", new_k)
     _set_arg(node, 2, "value", new_v)
+
+
+def _cat_rows(e: Emitter, visible: Node, mask: Node | None, heads, queries) -> Node:
+    """A 4-d SDPA mask: each row's prefix slots (``visible``, (batch, P)) before ``mask`` over the keys
+    (broadcast to the batch, ``heads`` and ``queries``), or ``visible`` alone when ``mask`` is None."""
+    batch = e.pre(aten.sym_size.int, visible, 0)
+    block = e.pre(aten.unsqueeze.default, e.pre(aten.unsqueeze.default, visible, 1), 1)
+    if mask is None:
+        return block
+    block = e.pre(aten.expand.default, block, [batch, heads, queries, -1])
+    mask = e.pre(aten.expand.default, mask, [batch, heads, queries, -1])
+    return e.pre(aten.cat.default, [block, mask], -1)
 
 
 def _device(node: Node):
@@ -282,7 +322,7 @@ def _key_consumer(scores: Node, head_dim: int) -> tuple[Node, Node, bool]:
         raise SiteError(f"prefix tuning cannot follow the keys of attention {scores.name}: layout {tuple(shape)}")
 
 
-def _extend_matmul(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> None:
+def _extend_matmul(e: Emitter, att: Attention, k: Node, v: Node, p_len: int, visible: Node | None = None) -> None:
     scores, softmax, out = e.named(att.scores), e.named(att.softmax), e.node
     # Keys: before the score matmul's own transpose and scaling, so the prefix gets them too.
     consumer, key, transposed = _key_consumer(scores, att.head_dim)
@@ -318,6 +358,16 @@ def _extend_matmul(e: Emitter, att: Attention, k: Node, v: Node, p_len: int) -> 
                 # masked_fill's mask marks what to hide; where's condition what to keep; other terms add.
                 keep = name == "where"
                 node.replace_input_with(operand, _pad_front(e, operand, p_len, keep=keep))
+    if visible is not None:  # the slots a row does not attend to: -inf scores before the softmax
+        logits = softmax.args[0]
+        if logits.meta["val"].ndim != 4:
+            raise AdapterError(f"the attention scores of layer {att.layer} are not (batch, heads, queries, keys): "
+                               "prefixes of different lengths in a Parallel / BatchSplit cannot be masked there")
+        e.point = softmax
+        hidden = e.pre(aten.logical_not.default, visible)
+        hidden = e.pre(aten.constant_pad_nd.default, hidden, [0, e.pre(aten.sym_size.int, key, -1 if transposed else -2)], 0)
+        hidden = e.pre(aten.unsqueeze.default, e.pre(aten.unsqueeze.default, hidden, 1), 1)
+        softmax.replace_input_with(logits, e.pre(aten.masked_fill.Scalar, logits, hidden, float("-inf")))
 
 
 def _key_shaped(node, key_len: str) -> bool:
