@@ -265,8 +265,9 @@ def test_parallel_is_each_branch_alone(fixture, hub_clean):
 # differ from the adapters alone (on Llama by as much as the outputs themselves; measured in its
 # environment). fxadapt masks the padding, and the block's definition is the oracle: each slice as
 # with its own setup alone.
-# SDPA with a boolean mask (bert; llama with grouped keys), matmul attention (deberta), an additive mask (t5)
-@pytest.mark.parametrize("arch", ["bert", "deberta", "llama", "t5-encoder"])
+# SDPA with a boolean mask (bert; llama with grouped keys), matmul attention (deberta; deberta-v2 with batch and
+# heads flattened in its keys), an additive mask (t5)
+@pytest.mark.parametrize("arch", ["bert", "deberta", "deberta-v2", "llama", "t5-encoder"])
 def test_prefixes_of_different_lengths_are_each_slice_alone(arch):
     model, gm = captured(arch)
     gm.add_adapter("a", fxadapt.PrefixTuningConfig(prefix_length=3, init_weights_seed=1))

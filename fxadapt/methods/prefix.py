@@ -148,7 +148,6 @@ class Composer(composition.Composer):
         super().__init__(e, placements, weights)
         self.att = next(iter(placements.values())).attention
         self.x, self.batch = _begin(e, self.att)
-        self.flat = _keys(e, self.att).meta["val"].ndim != 4
 
     def op(self, target, *args):
         return self.e.pre(target, *args)
@@ -170,9 +169,6 @@ class Composer(composition.Composer):
         return state._replace(k=k, v=v, length=state.length + p.config.prefix_length, visible=visible)
 
     def vslice(self, state, start, stop):
-        if self.flat:
-            raise AdapterError(f"the attention of layer {self.att.layer} holds batch and heads in one dimension: "
-                               "Parallel / BatchSplit of prefix tuning cannot slice its rows")
         sl = lambda t: None if t is None else self.slice(t, 0, start, stop)  # noqa: E731
         return _PrefixState(sl(state.k), sl(state.v), state.length, sl(state.x), self.e.pre(operator.sub, stop, start), sl(state.visible))
 
