@@ -92,6 +92,8 @@ def test_list_is_unchanged_and_blocks_round_trip(hub_clean):
     # AdapterHub fails on these (its BottleneckLayer finishes all rows with the last slice's adapter)
     (Parallel("bn", "a"), r"output block of layer 0 some rows of a Parallel / BatchSplit pass a bottleneck adapter \(bn\) and some none.*adapter_names"),
     (BatchSplit("a", "bn", batch_sizes=[1, 1]), r"some rows of a Parallel / BatchSplit pass a bottleneck adapter \(bn\) and some none"),
+    # AdapterHub finishes all rows with the last slice's method: (IA)^3's scales added as LoRA updates
+    (Parallel("ia", "a"), r"at encoder.layer.0.attention.self.value \(v\) some slices of a Parallel / BatchSplit end with a LoRA and some with an \(IA\)\^3"),
 ])
 def test_refused_setups_change_nothing(setup, match, hub_clean):
     gm = hub_base("roberta")
@@ -101,6 +103,7 @@ def test_refused_setups_change_nothing(setup, match, hub_clean):
     gm.add_adapter("i", "pfeiffer+inv")
     gm.add_adapter("dora", fxadapt.DoRAConfig(r=2))
     gm.add_adapter("bn", "pfeiffer")
+    gm.add_adapter("ia", "ia3")
     gm.set_active_adapters(Stack("a", "b"))
     before = snapshot(gm)
     with pytest.raises(AdapterError, match=match):
@@ -109,18 +112,39 @@ def test_refused_setups_change_nothing(setup, match, hub_clean):
     assert gm.active_adapters == Stack("a", "b")
 
 
-def test_parallel_of_loras_on_a_fused_projection_is_refused():
-    _, gm = captured("deberta")  # q, k, v in one in_proj
-    gm.add_adapter("a", "lora")
-    gm.add_adapter("b", "lora")
-    try:
-        before = snapshot(gm)
-        with pytest.raises(AdapterError, match=r"encoder.layer.0.attention.self.in_proj \(v\) is part of a fused projection"):
-            gm.set_active_adapters(Parallel("a", "b"))
-        assert_unchanged(gm, before)
-    finally:
-        gm.delete_adapter("a")
-        gm.delete_adapter("b")
+# Each role of a fused projection composes its own adapters; a LoRA on q and one on v are two places.
+# Oracles: the adapters alone, and a plain list (a Stack of adapters at different places adds them up).
+@pytest.mark.parametrize("arch", ["gpt2", "deberta", "phi3"])  # flattened inputs and columns by range; interleaved columns; by range
+def test_blocks_on_fused_projections_compose_each_role(arch):
+    model, gm = captured(arch)
+    gm.add_adapter("q", fxadapt.LoRAConfig(r=2, attn_matrices=["q"], init_weights="bert"))
+    gm.add_adapter("v", fxadapt.LoRAConfig(r=3, attn_matrices=["v"], init_weights="bert"))
+    gm.add_adapter("qv", fxadapt.LoRAConfig(r=2, attn_matrices=["q", "v"], init_weights="bert"))
+    gm.add_adapter("i", "ia3")
+    gm.add_adapter("j", "ia3")
+    with restored(gm, "q", "v", "qv", "i", "j"):
+        with torch.no_grad():
+            for name in ("i", "j"):
+                for p in gm._adapter_parameters(name):
+                    p.normal_(1.0, 0.2)
+        inputs = inputs_for(model)
+
+        def out(setup):
+            gm.set_active_adapters(setup)
+            with torch.no_grad():
+                return gm(**inputs)[0]
+
+        alone = {name: out(name) for name in ("q", "v", "qv", "i", "j")}
+        assert relative_error(alone["q"], alone["v"]) > 100 * RTOL and relative_error(alone["i"], alone["j"]) > 100 * RTOL
+        for setup, expected in [
+            (Stack("qv"), alone["qv"]),
+            (Stack("q", "v"), out(["q", "v"])),
+            (Parallel("q", "v"), torch.cat([alone["q"], alone["v"]])),
+            (Parallel("qv", Stack("q", "v")), torch.cat([alone["qv"], out(["q", "v"])])),
+            (BatchSplit("i", "j", "i", batch_sizes=[1, 1, 1]), torch.cat([alone["i"][:1], alone["j"][1:2], alone["i"][2:]])),
+        ]:
+            error = relative_error(out(setup), expected)
+            assert error < RTOL, f"{setup}: {error:.2e}"
 
 
 def test_stacked_loras_need_square_projections(hub_clean):

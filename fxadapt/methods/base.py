@@ -178,14 +178,16 @@ class Emitter:
             self.y = self.call(aten.index_add.default, self.y, -1, self.attr(index_path), delta)
 
     def full_vector(self, vec: Node, site: Site, index_path: str, fill: float) -> Node:
-        """A vector over all output columns: ``vec`` on the site's columns, ``fill`` elsewhere."""
+        """A vector (or rows of them) over all output columns: ``vec`` on the site's columns, ``fill``
+        elsewhere."""
         cols, width = site.columns, site.linear.out_features
         if cols is None:
             return vec
         if isinstance(cols, range):
             return self.call(aten.constant_pad_nd.default, vec, [cols.start, width - cols.stop], fill)
-        full = self.call(aten.new_full.default, vec, [width], fill)
-        return self.call(aten.index_copy.default, full, 0, self.attr(index_path), vec)
+        # ``fill`` in vec's shape with the last dimension ``width``: no columns of vec, padded
+        full = self.call(aten.constant_pad_nd.default, self.call(aten.slice.Tensor, vec, -1, 0, 0), [0, width], fill)
+        return self.call(aten.index_copy.default, full, -1, self.attr(index_path), vec)
 
     def finish(self) -> None:
         if self.y is not self.node:

@@ -221,10 +221,16 @@ class Composer(composition.Composer):
             if lin.experts or lin.conv or q.side != "output" or q.method not in ("lora", "ia3"):
                 raise AdapterError(f"adapter {q.adapter!r} at {q.describe()}: only LoRA and output-side (IA)^3 on plain linear "
                                    "projections compose in blocks (not experts, convolutions or input scaling)")
-        self.flat = (e.x.meta["val"].ndim < 3) if isinstance(e.x.meta.get("val"), torch.Tensor) else False
+        # GPT-2's Conv1D reads its input flattened to (batch * seq, features): the state holds the
+        # (batch, seq, ...) views, so that slices take whole rows; ``finish`` flattens the output back.
+        self.flat = sequence_input(e.x) is not e.x
 
     def initial(self):
-        return _LoRAState(self.e.x, None, self.e.node, None)
+        if not self.flat:
+            return _LoRAState(self.e.x, None, self.e.node, None)
+        x = sequence_input(self.e.x)
+        size = [self.e.call(aten.sym_size.int, x, 0), self.e.call(aten.sym_size.int, x, 1), -1]
+        return _LoRAState(x, None, self.e.call(aten.view.default, self.e.node, size), None)
 
     def rows(self, state):
         return self.e.call(aten.sym_size.int, state.x, 0)
@@ -252,9 +258,6 @@ class Composer(composition.Composer):
         return state._replace(hidden=delta, last="lora", batched=True)
 
     def vslice(self, state, start, stop):
-        if self.flat:
-            raise AdapterError(f"{self.where} reads its input flattened to (batch * sequence, features): Parallel / "
-                               "BatchSplit of LoRA cannot slice its rows")
         hidden = self.slice(state.hidden, 0, start, stop) if state.batched else state.hidden
         return _LoRAState(self.slice(state.x, 0, start, stop), hidden, self.slice(self._y(state), 0, start, stop), state.last, state.batched)
 
@@ -262,17 +265,20 @@ class Composer(composition.Composer):
         return self.e.call(aten.cat.default, state.y, 0) if isinstance(state.y, list) else state.y
 
     def cat(self, states):
+        if len({s.last for s in states if s.hidden is not None}) > 1:
+            # One combination finishes all rows (AdapterHub's rule, which adds (IA)^3's scales as LoRA updates).
+            raise AdapterError(f"at {self.where} some slices of a Parallel / BatchSplit end with a LoRA and some with an (IA)^3 "
+                               "adapter: their rows cannot be finished alike; adapter_names runs each row through its own adapter")
         last = states[-1].last or next((s.last for s in reversed(states) if s.last), None)
         x = self.e.call(aten.cat.default, [s.x for s in states], 0)
         y = [s.y for s in states]
         if all(s.hidden is None for s in states):
             return _LoRAState(x, None, y, last)
-        if self.site.columns is not None:
-            raise AdapterError(f"{self.where} is part of a fused projection: Parallel / BatchSplit of LoRA or (IA)^3 "
-                               "there is not supported")
         parts = []
         for s in states:  # each slice's output over its rows: a missing one is neutral, a vector spread over its rows
             rows = self._y(s)
+            if self.site.columns is not None:  # a fused projection's output: as wide as this site's columns
+                rows = self.e.call(aten.slice.Tensor, rows, -1, 0, len(self.site.columns))
             if s.hidden is None:
                 parts.append(self.e.call(aten.zeros_like.default if last == "lora" else aten.ones_like.default, rows))
             else:
@@ -295,9 +301,9 @@ class Composer(composition.Composer):
             return
         e, y = self.e, self.e.y
         hidden = e.call(aten.type_as.default, state.hidden, y)
+        if self.flat and state.batched:
+            hidden = e.call(aten.flatten.using_ints, hidden, 0, 1)
         if state.last == "ia3":
-            if self.site.columns is not None and state.batched:
-                raise AdapterError(f"{self.where} is part of a fused projection: this (IA)^3 composition is not supported there")
             e.y = e.call(aten.mul.Tensor, y, e.full_vector(hidden, self.site, f"{next(iter(self.placements.values())).module}.columns", 1.0))
         else:
             p = next(q for q in self.placements.values() if q.method == "lora")

@@ -36,6 +36,10 @@ def insert_adapters(gm: GraphModule, graph: Graph, setup=None) -> None:
         for p in placements:
             if p not in composed:
                 METHODS[p.method].insert(emitter, p, gm.get_submodule(p.module) if p.module else None)
-        if composed:
-            compose(emitter, setup, composed, gm)
+        # One composition per place: a fused projection's roles (q, k, v) each compose their own adapters.
+        groups: dict = {}
+        for p in composed:
+            groups.setdefault(p.site.name if p.site is not None else None, []).append(p)
+        for group in groups.values():
+            compose(emitter, setup, group, gm)
         emitter.finish()
