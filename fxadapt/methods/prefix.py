@@ -184,7 +184,8 @@ class Composer(composition.Composer):
         for s in states:  # padded at the front, where a Stack puts the next prefix
             if s.k is None:
                 zeros = self.e.pre(aten.new_zeros.default, like, [s.batch, self.att.kv_heads, length, self.att.head_dim])
-                ks.append(zeros), vs.append(zeros)
+                ks.append(zeros)
+                vs.append(zeros)
                 visible.append(self.e.pre(aten.new_zeros.default, s.x, [s.batch, length], dtype=torch.bool))
                 continue
             pad = length - s.length
@@ -258,7 +259,7 @@ def _extend_sdpa(e: Emitter, att: Attention, k: Node, v: Node, p_len: int, visib
         val = mask.meta["val"]
         for _ in range(4 - val.ndim):  # as SDPA broadcasts it: (batch, heads, queries, keys)
             mask = e.pre(aten.unsqueeze.default, mask, 0)
-        if val.dtype != torch.bool:  # an additive mask: hidden slots get -inf
+        if val.dtype != torch.bool:  # an additive mask: the slots as terms, -inf where hidden
             visible = e.pre(aten.masked_fill.Scalar, e.pre(aten.new_zeros.default, mask, [1]),
                             e.pre(aten.logical_not.default, visible), float("-inf"))
         _set_arg(node, 3, "attn_mask", _cat_rows(e, visible, mask, e.pre(aten.sym_size.int, mask, 1), e.pre(aten.sym_size.int, mask, 2)))
@@ -266,12 +267,12 @@ def _extend_sdpa(e: Emitter, att: Attention, k: Node, v: Node, p_len: int, visib
         _set_arg(node, 3, "attn_mask", _pad_front(e, mask, p_len, keep=True))
     elif visible is not None:  # no mask: the tokens all visible, the prefix slots per row
         shown = e.pre(aten.new_ones.default, visible, [e.pre(aten.sym_size.int, visible, 0), e.pre(aten.sym_size.int, key, -2)])
-        _set_arg(node, 3, "attn_mask", _cat_rows(e, e.pre(aten.cat.default, [visible, shown], -1), None, 1, 1))
+        _set_arg(node, 3, "attn_mask", _cat_rows(e, e.pre(aten.cat.default, [visible, shown], -1)))
     _set_arg(node, 1, "key", new_k)
     _set_arg(node, 2, "value", new_v)
 
 
-def _cat_rows(e: Emitter, visible: Node, mask: Node | None, heads, queries) -> Node:
+def _cat_rows(e: Emitter, visible: Node, mask: Node | None = None, heads=1, queries=1) -> Node:
     """A 4-d SDPA mask: each row's prefix slots (``visible``, (batch, P)) before ``mask`` over the keys
     (broadcast to the batch, ``heads`` and ``queries``), or ``visible`` alone when ``mask`` is None."""
     batch = e.pre(aten.sym_size.int, visible, 0)
