@@ -29,6 +29,11 @@ each step graph, with every routable adapter's placements there), reading the pe
 more input. When ``generate`` expands the batch (``num_beams``, ``num_return_sequences``), the index
 is repeated with it, row by row; an encoder-decoder's encoder runs the routed forward on the rows
 as given.
+
+A composition block acts in the steps as in the forward. Under a ``Parallel`` the prompts are
+repeated once per branch before the loop, as AdapterHub's ``generate`` does, and the steps do not
+repeat them again: branch ``i`` generates rows ``i*B`` to ``(i+1)*B``, and the beams of a row stay
+in its branch's block of rows.
 """
 
 from __future__ import annotations
@@ -287,11 +292,8 @@ def _with_adapters(gm, step: StepGraph) -> Graph:
     for name in gm._fx_active:
         if name not in gm._fx_merged:
             placements += _step_placements(gm, name, step)
-    setup = gm._composition()
-    if setup is not None and setup.parallel_channels > 1:
-        raise InputError(f"generate() cannot run {setup!r}: Parallel replicates the batch, one output per branch; generate with one branch active")
     annotate(graph, placements)
-    insert_adapters(gm, graph, setup)
+    insert_adapters(gm, graph, gm._composition(), replicated=True)  # generate repeats a Parallel's prompts itself
     for optimize in OPTIMIZATIONS:
         optimize(gm, graph)
     device = _single_device(gm)
@@ -480,10 +482,14 @@ def generate(gm, *args, **kwargs):
     source = gm.__dict__.get("_fx_source")
     modules = step_modules(gm) if index is None else routed_step_modules(gm)
     step = gm.__dict__["_fx_step"]
+    setup = gm._composition() if index is None else None
+    channels = setup.parallel_channels if setup is not None else 1
+    if channels > 1:  # a Parallel: the prompts once per branch, as AdapterHub's generate (branch i: rows i*B to (i+1)*B)
+        args, kwargs = _replicate(source, args, kwargs, channels)
     runner = copy.copy(source)  # shares the model's modules and config; only ``forward`` differs
     if step.encoder_decoder:
         runner.forward = _Seq2SeqForward(*modules, step, index)
-        encoder = _Encoder(gm, source, index)  # the encoder runs before generate expands the batch
+        encoder = _Encoder(gm, source, index, channels)  # the encoder runs before generate expands the batch
         runner.get_encoder = lambda *args, **kwargs: encoder
     else:
         runner.forward = _StepForward(*modules, step, index)
@@ -495,6 +501,20 @@ def generate(gm, *args, **kwargs):
     kwargs[step.cache_arg] = EncoderDecoderCache(DynamicCache(), DynamicCache()) if step.encoder_decoder else DynamicCache()
     with torch.no_grad():
         return type(source).generate(runner, *args, **kwargs)
+
+
+def _replicate(source: nn.Module, args: tuple, kwargs: dict, channels: int) -> tuple[tuple, dict]:
+    """``generate``'s arguments with the prompt's batch repeated ``channels`` times: the main input
+    and every tensor keyword argument with as many rows (attention mask, encoder inputs, ...)."""
+    main = args[0] if args else kwargs.get("inputs", kwargs.get(source.main_input_name, kwargs.get("input_ids", kwargs.get("inputs_embeds"))))
+    if not isinstance(main, torch.Tensor) or main.ndim == 0:
+        raise InputError("generate() with a Parallel block needs the prompt as a tensor (input_ids or the model's main input)")
+    batch = main.shape[0]
+
+    def repeat(t):
+        return t.repeat(channels, *[1] * (t.ndim - 1)) if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == batch else t
+
+    return tuple(repeat(a) for a in args[:1]) + args[1:], {k: repeat(v) for k, v in kwargs.items()}
 
 
 def _routing_index(gm, args: tuple, kwargs: dict, names) -> torch.Tensor:
@@ -606,10 +626,11 @@ class _Encoder(nn.Module):
     """What ``generate`` calls as the encoder: the module's main graph (its adapters act in the
     encoder), with a one-token decoder input, read for ``encoder_last_hidden_state``."""
 
-    def __init__(self, gm, source: nn.Module, index: torch.Tensor | None = None):
+    def __init__(self, gm, source: nn.Module, index: torch.Tensor | None = None, channels: int = 1):
         super().__init__()
         self.__dict__["_gm"] = gm
         self.index = index  # routes the encoder's rows (adapter_names), as the forward does
+        self.channels = channels  # a Parallel's branches: the main graph repeats the prompts itself
         self.main = source.main_input_name
         self.start = source.generation_config.decoder_start_token_id or 0
 
@@ -617,6 +638,10 @@ class _Encoder(nn.Module):
         from transformers.modeling_outputs import BaseModelOutput
 
         inputs = input_ids if self.main == "input_ids" else input_features
+        if self.channels > 1:  # generate repeated the prompts for the decoder steps; the main graph repeats them again
+            rows = inputs.shape[0] // self.channels
+            inputs = inputs[:rows]
+            attention_mask = attention_mask[:rows] if attention_mask is not None else None
         call = {self.main: inputs, "decoder_input_ids": torch.full((inputs.shape[0], 1), self.start, dtype=torch.long, device=inputs.device)}
         if attention_mask is not None:
             call["attention_mask"] = attention_mask

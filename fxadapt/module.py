@@ -531,7 +531,9 @@ class AdaptedModule(FusionMixin, CheckpointMixin, GraphModule):
         the same arguments (``max_new_tokens``, ``do_sample``, ``num_beams``, ``generation_config``,
         streamers...) and results as the captured model's ``generate``. The model's decode step is
         captured once, as a second graph that reads the same adapter weights (see
-        :mod:`fxadapt.generation`). The module must come from a model with a language-model head."""
+        :mod:`fxadapt.generation`). The module must come from a model with a language-model head.
+        Under a ``Parallel`` block the prompts run once per branch (AdapterHub's ``generate``): the
+        result has one block of rows per branch, in order."""
         from .generation import generate
 
         return generate(self, *args, **kwargs)

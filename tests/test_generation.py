@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import fxadapt
+from fxadapt.composition import BatchSplit, Parallel, Stack
 from fxadapt.errors import InputError
 from fxadapt.testing import assert_outputs_close
 
@@ -342,6 +343,54 @@ def test_encoder_decoder_generate(seq2seq, config):
     assert torch.equal(out, expected)
     base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
     assert not torch.allclose(result.logits[0], base.logits[0])  # the adapter acts
+
+
+BLOCKS = {"stack": Stack("a", "b"), "batchsplit": BatchSplit("b", "a", batch_sizes=[1, 1]), "parallel": Parallel("a", "b")}
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_composition_blocks_generate(lm, block):
+    """A Stack or BatchSplit gives the tokens of the no-cache loop over the module's forward with the
+    block active; a Parallel (AdapterHub's generate: the prompts once per branch) each branch's tokens
+    alone, branch after branch. LoRAs on q and o, square also under grouped-query attention (Stack)."""
+    model, gm = lm
+    ids, mask = _prompt()
+    for seed, name in enumerate("ab"):
+        gm.add_adapter(name, fxadapt.LoRAConfig(r=4, attn_matrices=["q", "o"]))
+        _randomize(gm, name, seed)
+    try:
+        if block == "parallel":
+            expected = []
+            for name in "ab":
+                gm.set_active_adapters(name)
+                expected.append(_greedy_without_cache(gm, ids, mask))
+            expected = torch.cat(expected)
+            assert not torch.equal(expected[:2], expected[2:])  # the branches differ
+        gm.set_active_adapters(BLOCKS[block])
+        if block != "parallel":
+            expected = _greedy_without_cache(gm, ids, mask)
+        assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), expected)
+    finally:
+        gm.delete_adapter("a")
+        gm.delete_adapter("b")
+
+
+@pytest.mark.parametrize("seq2seq", ["bart"], indirect=True)
+def test_parallel_generate_on_an_encoder_decoder(seq2seq):
+    """Parallel of bottleneck adapters on Bart: each branch's tokens alone, with beam search (the
+    beams of a row stay in its branch's block of rows)."""
+    _, gm = seq2seq
+    ids, mask = _seq2seq_prompt()
+    for seed, name in enumerate("ab"):
+        gm.add_adapter(name, "pfeiffer")
+        _randomize(gm, name, seed)
+    alone = []
+    for name in "ab":
+        gm.set_active_adapters(name)
+        alone.append(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2))
+    assert not torch.equal(alone[0], alone[1])
+    gm.set_active_adapters(Parallel("a", "b"))
+    assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2), torch.cat(alone))
 
 
 def test_whisper_generate():

@@ -18,11 +18,12 @@ __all__ = ["insert_adapters", "OPTIMIZATIONS"]
 OPTIMIZATIONS = [optimize]
 
 
-def insert_adapters(gm: GraphModule, graph: Graph, setup=None) -> None:
+def insert_adapters(gm: GraphModule, graph: Graph, setup=None, replicated: bool = False) -> None:
     """Apply every placement annotated in ``graph`` (by ``plan.annotate``), in annotation order; with a
     composition block ``setup`` (:mod:`fxadapt.composition`), the composing methods' placements at each
-    node are composed as the block says (a Parallel first repeats the graph's batch inputs)."""
-    if setup is not None and setup.parallel_channels > 1:
+    node are composed as the block says (a Parallel first repeats the graph's batch inputs, unless the
+    caller gives them ``replicated`` already)."""
+    if setup is not None and setup.parallel_channels > 1 and not replicated:
         spec = getattr(gm, "_fx_inputs", None)
         repeat_batch_inputs(graph, setup.parallel_channels, spec.main if spec is not None else None)
     by_name = {n.name: n for n in graph.nodes}
