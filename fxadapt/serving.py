@@ -43,6 +43,10 @@ def export_generation(gm, directory: str | os.PathLike, max_length: int | None =
     prompt and cache lengths the programs accept."""
     from .generation import _step_capture, step_modules
 
+    setup = gm._composition()
+    if setup is not None and setup.parallel_channels > 1:
+        raise ExportError(f"{directory}: cannot export for serving under {setup!r}: the programs' greedy loop does not repeat the "
+                          "prompts once per branch; export each branch active alone, or a BatchSplit over prompts given once per branch")
     step = _step_capture(gm)
     source = gm.__dict__["_fx_source"]
     config = source.config.get_text_config()

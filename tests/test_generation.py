@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import fxadapt
 from fxadapt.composition import BatchSplit, Parallel, Stack
-from fxadapt.errors import InputError
+from fxadapt.errors import ExportError, InputError
 from fxadapt.testing import assert_outputs_close
 
 NEW = 6
@@ -349,7 +349,7 @@ BLOCKS = {"stack": Stack("a", "b"), "batchsplit": BatchSplit("b", "a", batch_siz
 
 
 @pytest.mark.parametrize("block", list(BLOCKS))
-def test_composition_blocks_generate(lm, block):
+def test_composition_blocks_generate(lm, block, tmp_path):
     """A Stack or BatchSplit gives the tokens of the no-cache loop over the module's forward with the
     block active; a Parallel (AdapterHub's generate: the prompts once per branch) each branch's tokens
     alone, branch after branch. LoRAs on q and o, square also under grouped-query attention (Stack)."""
@@ -366,6 +366,10 @@ def test_composition_blocks_generate(lm, block):
                 expected.append(_greedy_without_cache(gm, ids, mask))
             expected = torch.cat(expected)
             assert not torch.equal(expected[:2], expected[2:])  # the branches differ
+            gm.set_active_adapters(BLOCKS[block])
+            with pytest.raises(ExportError, match="cannot export for serving under Parallel"):
+                fxadapt.export(gm, tmp_path / "served")  # its loop would not repeat the prompts
+            assert not (tmp_path / "served").exists()
         gm.set_active_adapters(BLOCKS[block])
         if block != "parallel":
             expected = _greedy_without_cache(gm, ids, mask)
