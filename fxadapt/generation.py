@@ -30,7 +30,8 @@ more input. When ``generate`` expands the batch (``num_beams``, ``num_return_seq
 is repeated with it, row by row; an encoder-decoder's encoder runs the routed forward on the rows
 as given.
 
-A composition block acts in the steps as in the forward. Under a ``Parallel`` the prompts are
+A composition block acts in the steps as in the forward; a ``Split``, which divides the positions of
+each call, is refused (a step sees only the new positions). Under a ``Parallel`` the prompts are
 repeated once per branch before the loop, as AdapterHub's ``generate`` does, and the steps do not
 repeat them again: branch ``i`` generates rows ``i*B`` to ``(i+1)*B``, and the beams of a row stay
 in its branch's block of rows.
@@ -292,8 +293,12 @@ def _with_adapters(gm, step: StepGraph) -> Graph:
     for name in gm._fx_active:
         if name not in gm._fx_merged:
             placements += _step_placements(gm, name, step)
+    setup = gm._composition()
+    if _splits_positions(setup):
+        raise InputError(f"generate() cannot run {setup!r}: Split divides the positions of each call, and a step with a KV cache "
+                         "sees only the new ones; activate its branches one at a time")
     annotate(graph, placements)
-    insert_adapters(gm, graph, gm._composition(), replicated=True)  # generate repeats a Parallel's prompts itself
+    insert_adapters(gm, graph, setup, replicated=True)  # generate repeats a Parallel's prompts itself
     for optimize in OPTIMIZATIONS:
         optimize(gm, graph)
     device = _single_device(gm)
@@ -301,6 +306,12 @@ def _with_adapters(gm, step: StepGraph) -> Graph:
         retarget_devices(graph, gm._fx_capture_device, device)
     graph.lint()
     return graph
+
+
+def _splits_positions(block) -> bool:
+    from .composition import Block, Split
+
+    return isinstance(block, Split) or isinstance(block, Block) and any(_splits_positions(c) for c in block.children)
 
 
 def _step_placements(gm, name: str, step: StepGraph) -> list:

@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import fxadapt
-from fxadapt.composition import BatchSplit, Parallel, Stack
+from fxadapt.composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from fxadapt.errors import ExportError, InputError
 from fxadapt.testing import assert_outputs_close
 
@@ -345,7 +345,8 @@ def test_encoder_decoder_generate(seq2seq, config):
     assert not torch.allclose(result.logits[0], base.logits[0])  # the adapter acts
 
 
-BLOCKS = {"stack": Stack("a", "b"), "batchsplit": BatchSplit("b", "a", batch_sizes=[1, 1]), "parallel": Parallel("a", "b")}
+BLOCKS = {"stack": Stack("a", "b"), "batchsplit": BatchSplit("b", "a", batch_sizes=[1, 1]), "average": Average("a", "b", weights=[0.3, 0.7]),
+          "parallel": Parallel("a", "b")}
 
 
 @pytest.mark.parametrize("block", list(BLOCKS))
@@ -375,6 +376,28 @@ def test_composition_blocks_generate(lm, block, tmp_path):
             expected = _greedy_without_cache(gm, ids, mask)
         assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), expected)
     finally:
+        gm.delete_adapter("a")
+        gm.delete_adapter("b")
+
+
+def test_fusion_generates_and_split_is_refused():
+    """AdapterFusion in the steps gives the no-cache loop's tokens; Split, which divides the positions of
+    each call (a step sees only the new ones), is an InputError naming it."""
+    _, gm = _captured("llama")
+    ids, mask = _prompt()
+    for seed, name in enumerate("ab"):
+        gm.add_adapter(name, "pfeiffer")
+        _randomize(gm, name, seed)
+    try:
+        gm.add_adapter_fusion(Fuse("a", "b"))
+        gm.set_active_adapters(Fuse("a", "b"))
+        assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), _greedy_without_cache(gm, ids, mask))
+        gm.set_active_adapters(Split("a", "b", splits=[4, 3]))
+        with pytest.raises(InputError, match=r"cannot run Split\('a', 'b', splits=\[4, 3\]\): Split divides the positions"):
+            gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+    finally:
+        gm.set_active_adapters(None)
+        gm.delete_adapter_fusion(Fuse("a", "b"))
         gm.delete_adapter("a")
         gm.delete_adapter("b")
 
