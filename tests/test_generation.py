@@ -351,7 +351,7 @@ BLOCKS = {"stack": Stack("a", "b"), "batchsplit": BatchSplit("b", "a", batch_siz
 
 @pytest.mark.parametrize("block", list(BLOCKS))
 def test_composition_blocks_generate(lm, block, tmp_path):
-    """A Stack or BatchSplit gives the tokens of the no-cache loop over the module's forward with the
+    """A Stack, BatchSplit or Average gives the tokens of the no-cache loop over the module's forward with the
     block active; a Parallel (AdapterHub's generate: the prompts once per branch) each branch's tokens
     alone, branch after branch. LoRAs on q and o, square also under grouped-query attention (Stack)."""
     model, gm = lm
