@@ -497,13 +497,14 @@ def generate(gm, *args, **kwargs):
     channels = setup.parallel_channels if setup is not None else 1
     if channels > 1:  # a Parallel: the prompts once per branch, as AdapterHub's generate (branch i: rows i*B to (i+1)*B)
         args, kwargs = _replicate(source, args, kwargs, channels)
+    check = _rows_check(gm, setup, channels)
     runner = copy.copy(source)  # shares the model's modules and config; only ``forward`` differs
     if step.encoder_decoder:
-        runner.forward = _Seq2SeqForward(*modules, step, index)
+        runner.forward = _Seq2SeqForward(*modules, step, index, check)
         encoder = _Encoder(gm, source, index, channels)  # the encoder runs before generate expands the batch
         runner.get_encoder = lambda *args, **kwargs: encoder
     else:
-        runner.forward = _StepForward(*modules, step, index)
+        runner.forward = _StepForward(*modules, step, index, check)
     if kwargs.get("past_key_values") is not None or kwargs.get(step.cache_arg) is not None:
         raise InputError("generate() on an AdaptedModule keeps its own KV cache: leave out past_key_values")
     from transformers import DynamicCache, EncoderDecoderCache
@@ -526,6 +527,27 @@ def _replicate(source: nn.Module, args: tuple, kwargs: dict, channels: int) -> t
         return t.repeat(channels, *[1] * (t.ndim - 1)) if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == batch else t
 
     return tuple(repeat(a) for a in args[:1]) + args[1:], {k: repeat(v) for k, v in kwargs.items()}
+
+
+def _rows_check(gm, setup, channels: int):
+    """For a block with a BatchSplit: a check of the rows each step gets against its ``batch_sizes``
+    (an InputError before the step runs); None otherwise."""
+    from .composition import BatchSplit, Block, check_call
+
+    def has_batch_split(block) -> bool:
+        return isinstance(block, BatchSplit) or isinstance(block, Block) and any(has_batch_split(c) for c in block.children)
+
+    if not has_batch_split(setup):
+        return None
+
+    def check(rows: int) -> None:
+        try:
+            check_call(setup, rows // channels, None, gm._fx_model_name)
+        except InputError as error:
+            raise InputError(f"generate(): {error} (num_beams and num_return_sequences repeat each prompt's rows; "
+                             "adapter_names routes each row with its beams)") from None
+
+    return check
 
 
 def _routing_index(gm, args: tuple, kwargs: dict, names) -> torch.Tensor:
@@ -557,8 +579,8 @@ class _StepForward:
     or more new positions, ``token`` for one), the cache's layers set to the keys and values it
     returns. Signature as a causal LM's, so that ``generate`` passes the inputs it passes a model."""
 
-    def __init__(self, prompt, token, step: StepCapture, index: torch.Tensor | None = None):
-        self.prompt, self.token, self.step, self.index = prompt, token, step, index
+    def __init__(self, prompt, token, step: StepCapture, index: torch.Tensor | None = None, check=None):
+        self.prompt, self.token, self.step, self.index, self.check = prompt, token, step, index, check
         self.compiled = not isinstance(token, GraphModule)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
@@ -567,6 +589,8 @@ class _StepForward:
 
         cache = cache if cache is not None else past_key_values  # transformers' name from 5.24 on, and before
         batch, seq = input_ids.shape
+        if self.check is not None:
+            self.check(batch)
         device = input_ids.device
         past = cache.get_seq_length()  # the masked slot included, once there is a past
         if attention_mask is None:
@@ -596,8 +620,8 @@ class _Seq2SeqForward:
     """The ``forward`` of an encoder-decoder's ``generate``: the first decoder step, then one token
     at a time, the self-attention cache's layers set to the keys and values the step returns."""
 
-    def __init__(self, first, token, step: StepCapture, index: torch.Tensor | None = None):
-        self.first, self.token, self.step, self.index = first, token, step, index
+    def __init__(self, first, token, step: StepCapture, index: torch.Tensor | None = None, check=None):
+        self.first, self.token, self.step, self.index, self.check = first, token, step, index, check
         self.compiled = not isinstance(token, GraphModule)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, cache=None,
@@ -606,6 +630,8 @@ class _Seq2SeqForward:
 
         cache = cache if cache is not None else past_key_values
         states = encoder_outputs[0]
+        if self.check is not None:
+            self.check(states.shape[0])
         fixed = self.step.encoder_length
         if fixed is not None and states.shape[1] != fixed:
             raise InputError(f"generate(): the encoder states have {states.shape[1]} positions; the model's decoder step was captured "

@@ -375,6 +375,9 @@ def test_composition_blocks_generate(lm, block, tmp_path):
         if block != "parallel":
             expected = _greedy_without_cache(gm, ids, mask)
         assert torch.equal(gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW), expected)
+        if block == "batchsplit":  # beams repeat each prompt's rows: the sizes no longer match
+            with pytest.raises(InputError, match=r"BatchSplit batch_sizes=\[1, 1\] sum to 2, but the batch size there is 4 \(num_beams"):
+                gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2)
     finally:
         gm.delete_adapter("a")
         gm.delete_adapter("b")
