@@ -85,6 +85,10 @@ class Block(Sequence):
         names = itertools.chain(*[[c] if isinstance(c, str) else c.flatten() for c in self.children])
         return list(dict.fromkeys(names))
 
+    def contains(self, kind: type) -> bool:
+        """Whether this block, or one nested in it, is a ``kind`` (e.g. ``Split``)."""
+        return isinstance(self, kind) or any(isinstance(c, Block) and c.contains(kind) for c in self.children)
+
     @property
     def parallel_channels(self) -> int:
         """How many times the batch is repeated (AdapterHub's ``parallel_channels``)."""

@@ -293,8 +293,10 @@ def _with_adapters(gm, step: StepGraph) -> Graph:
     for name in gm._fx_active:
         if name not in gm._fx_merged:
             placements += _step_placements(gm, name, step)
+    from .composition import Split
+
     setup = gm._composition()
-    if _splits_positions(setup):
+    if setup is not None and setup.contains(Split):
         raise InputError(f"generate() cannot run {setup!r}: Split divides the positions of each call, and a step with a KV cache "
                          "sees only the new ones; activate its branches one at a time")
     annotate(graph, placements)
@@ -306,12 +308,6 @@ def _with_adapters(gm, step: StepGraph) -> Graph:
         retarget_devices(graph, gm._fx_capture_device, device)
     graph.lint()
     return graph
-
-
-def _splits_positions(block) -> bool:
-    from .composition import Block, Split
-
-    return isinstance(block, Split) or isinstance(block, Block) and any(_splits_positions(c) for c in block.children)
 
 
 def _step_placements(gm, name: str, step: StepGraph) -> list:
@@ -518,7 +514,7 @@ def generate(gm, *args, **kwargs):
 def _replicate(source: nn.Module, args: tuple, kwargs: dict, channels: int) -> tuple[tuple, dict]:
     """``generate``'s arguments with the prompt's batch repeated ``channels`` times: the main input
     and every tensor keyword argument with as many rows (attention mask, encoder inputs, ...)."""
-    main = args[0] if args else kwargs.get("inputs", kwargs.get(source.main_input_name, kwargs.get("input_ids", kwargs.get("inputs_embeds"))))
+    main = _prompt(source, args, kwargs)
     if not isinstance(main, torch.Tensor) or main.ndim == 0:
         raise InputError("generate() with a Parallel block needs the prompt as a tensor (input_ids or the model's main input)")
     batch = main.shape[0]
@@ -532,12 +528,9 @@ def _replicate(source: nn.Module, args: tuple, kwargs: dict, channels: int) -> t
 def _rows_check(gm, setup, channels: int):
     """For a block with a BatchSplit: a check of the rows each step gets against its ``batch_sizes``
     (an InputError before the step runs); None otherwise."""
-    from .composition import BatchSplit, Block, check_call
+    from .composition import BatchSplit, check_call
 
-    def has_batch_split(block) -> bool:
-        return isinstance(block, BatchSplit) or isinstance(block, Block) and any(has_batch_split(c) for c in block.children)
-
-    if not has_batch_split(setup):
+    if setup is None or not setup.contains(BatchSplit):
         return None
 
     def check(rows: int) -> None:
@@ -559,10 +552,19 @@ def _routing_index(gm, args: tuple, kwargs: dict, names) -> torch.Tensor:
         raise InputError(f"generate(adapter_names=...) cannot be used while adapters {gm._fx_merged} are merged into the weights: "
                          "reset_adapter() them first")
     _step_capture(gm)  # InputError for a model without a language-model head, before the names
-    source = gm.__dict__["_fx_source"]
-    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get(source.main_input_name, kwargs.get("inputs_embeds")))
+    inputs = _prompt(gm.__dict__["_fx_source"], args, kwargs)
     batch = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.ndim else None
     return _index(gm, names, batch)
+
+
+def _prompt(source: nn.Module, args: tuple, kwargs: dict):
+    """The prompt ``generate`` was given: its first argument, or the keyword that names it."""
+    if args:
+        return args[0]
+    for key in ("inputs", source.main_input_name, "input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
 
 
 def _check_length(gm, source: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -17,7 +17,7 @@ from conftest import assert_inductor_step_matches_eager, build, captured, captur
 from fxadapt.config import AdapterConfig
 from fxadapt.errors import CheckpointError, ConfigError
 from fxadapt.passes.fuse import check_merged
-from fxadapt.testing import assert_outputs_close, relative_error, rounding_tolerance
+from fxadapt.testing import assert_outputs_close, assert_unchanged, relative_error, rounding_tolerance, snapshot
 
 # The same function as PEFT's, built node for node in PEFT's order (sums may still be ordered otherwise):
 # two layers of float32 sums of up to 64 products; gradients sum once more, over batch and sequence (3 x 11).
@@ -302,10 +302,10 @@ def test_bad_peft_files_are_named(change, match, tmp_path):
     change(meta, tensors)
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    adapters, before = dict(gm.adapters), dict(gm.named_parameters())
+    before = snapshot(gm)
     with pytest.raises(CheckpointError, match=match):
         gm.load_adapter(tmp_path)
-    assert gm.adapters == adapters and dict(gm.named_parameters()) == before
+    assert_unchanged(gm, before)
 
 
 def test_native_format_and_deepcopy_keep_a_and_b(tmp_path):
